@@ -1,0 +1,1 @@
+"""The `msabank` command line (typer + rich): parse, call, render."""

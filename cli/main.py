@@ -1,0 +1,44 @@
+"""The `msabank` console script: builds the typer app and holds the single error boundary."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from msabank.errors import MsabankError
+
+app = typer.Typer(
+    name="msabank",
+    help="msabank: a memory-bank database for Memory Sparse Attention (MSA) language models.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+def _print_error(err: MsabankError) -> None:
+    sys.stderr.write(f"error: {err}\n")
+    if err.hint:
+        sys.stderr.write(f"\nhint: {err.hint}\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the app; turn MsabankError into `error:`/`hint:` and exit code 1."""
+    try:
+        app(args=argv, standalone_mode=True)
+    except MsabankError as err:
+        if os.environ.get("MSABANK_DEBUG"):
+            raise
+        _print_error(err)
+        sys.exit(1)
+
+
+@app.callback()
+def _root() -> None:
+    """msabank: ingest a corpus through an MSA model into a persistent bank, update it, ask it."""
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The bank on disk: LMDB document records + Zarr tensors. No torch modules, no tokenizer."""
