@@ -40,5 +40,25 @@ def _root() -> None:
     """msabank: ingest a corpus through an MSA model into a persistent bank, update it, ask it."""
 
 
+# Each command group lives in its own module with `register(app)`; the order sets the help order.
+_COMMAND_MODULES = ("bank", "ask", "demo", "train", "bench")
+
+
+def _register_commands() -> None:
+    import importlib
+
+    for name in _COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"msabank.cli.{name}")
+        except ModuleNotFoundError as err:  # a group still being written; never hides a broken import
+            if err.name != f"msabank.cli.{name}":
+                raise
+            continue
+        module.register(app)
+
+
+_register_commands()
+
+
 if __name__ == "__main__":
     main()
