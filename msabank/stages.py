@@ -1,0 +1,483 @@
+"""The three MSA stages over an `MSAModel`, usable without any bank (spec §3, §4, §5).
+
+Stage 1 `encode_documents`: each document alone through the decoder (positions from 0), chunk-mean-pooled
+K̄, V̄, K̄ᴿ at the router layers; `template_prefix`: K/V of `<|im_start|>user\\n` for every layer.
+Stage 2+3 `generate`: per router layer, route the prompt's routing tokens against a `MemoryView`, attend
+over [template ; selected chunks ; prompt], then decode over that frozen context (never re-routing).
+`InMemoryMemory` is the reference MemoryView. This module does not parse interleave transcripts or touch
+storage; prompt layout is msabank.prompt.
+
+`trace(name, tensor)` hooks (optional, for conformance tests) receive intermediates; names are stable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from msabank.config import ModelConfig
+from msabank.model import MSAModel, attention, chunk_mean_pool
+from msabank.prompt import Prompt, Tokenizer, document_ids, template_parts
+from msabank.types import EncodedMemory, MemoryView, Routed
+
+Trace = Callable[[str, torch.Tensor], None]
+OnRoute = Callable[[int, int, Routed], None]
+
+
+def _tokenizer(model: MSAModel) -> Tokenizer:
+    if model.tokenizer is None:
+        raise ValueError("model has no tokenizer (load it with msabank.model.load_model)")
+    return model.tokenizer
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stage 1
+# ---------------------------------------------------------------------------------------------------
+
+
+def _normalize_heads(x: torch.Tensor) -> torch.Tensor:
+    """Per-head L2 normalisation over D, in float32, cast back."""
+    return F.normalize(x.float(), dim=-1).to(x.dtype)
+
+
+def _forward_capture(
+    model: MSAModel, ids: torch.Tensor, lengths: list[int], trace: Callable[[int, str, torch.Tensor], None] | None
+) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """Right-padded independent sequences (B, T) at positions 0.. -> per layer (k, v, rk), each (B, Hkv, T, D).
+
+    Only layers up to the last one whose K/V is needed run, and its MLP is skipped (it cannot change what
+    is stored, spec §3.1) unless tracing.
+    """
+    b, t = ids.shape
+    dev = ids.device
+    valid = torch.arange(t, device=dev)[None, :] < torch.tensor(lengths, device=dev)[:, None]  # (B, T)
+    mask = torch.ones(t, t, dtype=torch.bool, device=dev).tril()[None, None] & valid[:, None, None, :]
+    cos, sin = model.rope(torch.arange(t, device=dev).expand(b, t))
+    h = model.model.embed_tokens(ids)
+    if trace:
+        trace(-1, "embed_out", h)
+    out: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
+    last = model.config.num_layers - 1
+    for i, layer in enumerate(model.model.layers):
+        x = layer.input_layernorm(h)
+        q, k, v = layer.self_attn.qkv(x, cos, sin)
+        rk = layer.self_attn.router_k(x) if layer.self_attn.is_router else None
+        out[i] = (k, v, rk)
+        if trace:
+            trace(i, "k_post_rope", k)
+            trace(i, "v", v)
+            if rk is not None:
+                trace(i, "router_k", rk)
+        elif i == last:
+            break
+        h = layer.finish(h, attention(q, k, v, mask))
+        if trace:
+            trace(i, "hidden_out", h)
+    return out
+
+
+def template_prefix(model: MSAModel, *, trace: Trace | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """K/V of the template head `<|im_start|>user\\n` at positions 0..T0-1, for every layer.
+
+    Returns k, v each (L, Hkv, T0, D) in the model dtype, on the model's device.
+    """
+    head = template_parts(_tokenizer(model)).head
+    ids = torch.tensor([head], device=model.device)
+    tr = None
+    if trace is not None:
+        tr = lambda i, name, x: trace(f"template/{name}" if i < 0 else f"template/L{i}/{name}", x[0])  # noqa: E731
+    with torch.inference_mode():
+        kv = _forward_capture(model, ids, [len(head)], tr)
+    k = torch.stack([kv[i][0][0] for i in range(model.config.num_layers)])
+    v = torch.stack([kv[i][1][0] for i in range(model.config.num_layers)])
+    return k, v
+
+
+def _pool_doc(
+    cfg: ModelConfig, kv: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]], b: int, n: int
+) -> EncodedMemory:
+    pooled: list[list[torch.Tensor]] = [[], [], []]
+    for layer in cfg.router_layers:
+        k, v, rk = kv[layer]
+        assert rk is not None, "router layer without router_k_proj"
+        for slot, x in enumerate((rk, k, v)):
+            pooled[slot].append(chunk_mean_pool(x[b, :, :n].transpose(0, 1), cfg.chunk_size))  # (C, Hkv, D)
+    rk_, k_, v_ = (torch.stack(p).cpu() for p in pooled)  # (R, C, Hkv, D)
+    if cfg.routing_rule == "cosine":
+        rk_ = _normalize_heads(rk_)  # after pooling (spec §3.2)
+    return EncodedMemory(n_tokens=n, routing_keys=rk_, content_k=k_, content_v=v_)
+
+
+def encode_documents(
+    model: MSAModel,
+    docs: Sequence[tuple[int, str]],
+    *,
+    max_tokens_per_batch: int = 16384,
+    trace: Trace | None = None,
+) -> list[EncodedMemory]:
+    """Stage 1 for (number, text) documents, returned in input order.
+
+    Each document `<|im_start|>[n]. text[n]<|im_end|>` is run alone at positions 0.. (spec §3.1);
+    several are batched per forward (right-padded, length-sorted, at most `max_tokens_per_batch` padded
+    tokens) with a causal mask that hides the padding, which does not change any document's result.
+    Tensors are (R, C, Hkv, D) on CPU in the model dtype.
+    """
+    tok = _tokenizer(model)
+    seqs = [document_ids(tok, n, text) for n, text in docs]
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    results: list[EncodedMemory | None] = [None] * len(seqs)
+    start = 0
+    while start < len(order):
+        end = start + 1  # sorted ascending, so the last member sets the padded length
+        while end < len(order) and (end + 1 - start) * len(seqs[order[end]]) <= max_tokens_per_batch:
+            end += 1
+        group = order[start:end]
+        lengths = [len(seqs[i]) for i in group]
+        ids = torch.full((len(group), max(lengths)), tok.pad_id, dtype=torch.long)
+        for row, i in enumerate(group):
+            ids[row, : lengths[row]] = torch.tensor(seqs[i])
+        tr = None
+        if trace is not None:
+
+            def tr(i: int, name: str, x: torch.Tensor, group: list[int] = group, lengths: list[int] = lengths) -> None:
+                for row, j in enumerate(group):
+                    key = f"doc{docs[j][0]}/{name}" if i < 0 else f"doc{docs[j][0]}/L{i}/{name}"
+                    xs = x[row, : lengths[row]] if x.dim() == 3 and x.shape[1] == ids.shape[1] else x[row, :, : lengths[row]]
+                    trace(key, xs)
+
+        with torch.inference_mode():
+            kv = _forward_capture(model, ids.to(model.device), lengths, tr)
+            for row, i in enumerate(group):
+                results[i] = _pool_doc(model.config, kv, row, lengths[row])
+        start = end
+    return [r for r in results if r is not None]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Routing
+# ---------------------------------------------------------------------------------------------------
+
+
+def routing_queries(qr: torch.Tensor, mask: torch.Tensor, cfg: ModelConfig) -> list[torch.Tensor]:
+    """Group-summed, scaled routing queries (DESIGN.md §6, spec §4.2) of each sample's routing tokens.
+
+    qr: (B, H, T, D) router_q_proj output; mask: bool (B, T). Returns per sample (T_b, Hkv*D) float32:
+    Q̃_t = concat_g (s/H) Σ_j Q^R[g·G + j, t], after per-head normalisation when the rule is cosine.
+    Computed in float32: routing margins are ~1e-3 (golden p64), below bf16 resolution.
+    """
+    q = qr.float()
+    if cfg.routing_rule == "cosine":
+        q = F.normalize(q, dim=-1)
+    b, h, t, d = q.shape
+    g = q.view(b, cfg.num_kv_heads, cfg.group_size, t, d).sum(2) * (cfg.routing_scale / h)  # (B, Hkv, T, D)
+    g = g.permute(0, 2, 1, 3).reshape(b, t, cfg.num_kv_heads * d)
+    return [g[i][mask[i]] for i in range(b)]
+
+
+class InMemoryMemory:
+    """Reference `MemoryView` over encoded documents held in memory (plain PyTorch, CPU or GPU)."""
+
+    def __init__(
+        self, encoded: Mapping[int, EncodedMemory], top_k: int, *, device: str | torch.device = "cpu"
+    ) -> None:
+        self.top_k = top_k
+        self.device = torch.device(device)
+        self._docs = {n: encoded[n] for n in sorted(encoded)}
+        self.numbers = torch.tensor(list(self._docs), dtype=torch.long)
+        num_layers = max((e.routing_keys.shape[0] for e in self._docs.values()), default=0)
+        self._keys: list[torch.Tensor] = []  # per router layer (rows, Hkv*D) float32
+        for r in range(num_layers):
+            rows = [e.routing_keys[r].reshape(e.num_chunks, -1) for e in self._docs.values()]
+            self._keys.append(torch.cat(rows).float().to(self.device))
+        counts = torch.tensor([e.num_chunks for e in self._docs.values()], dtype=torch.long)
+        self._row_doc = torch.repeat_interleave(torch.arange(len(counts)), counts).to(self.device)
+
+    def doc_scores(self, layer_index: int, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores of every document: max over its chunks of max over query rows of <Q̃_t, K̃_c>.
+
+        query: (T, Hkv*D). Returns numbers (N,) ascending and scores (N,) float32.
+        """
+        n = len(self._docs)
+        if n == 0 or query.shape[0] == 0:
+            return self.numbers, torch.full((n,), float("-inf"))
+        chunk = (query.to(self.device, torch.float32) @ self._keys[layer_index].T).amax(0)  # (rows,)
+        doc = torch.full((n,), float("-inf"), device=self.device)
+        doc = doc.scatter_reduce(0, self._row_doc, chunk, reduce="amax", include_self=True)
+        return self.numbers, doc.cpu()
+
+    def route(self, layer_index: int, query: torch.Tensor) -> Routed:
+        numbers, scores = self.doc_scores(layer_index, query)
+        k = min(self.top_k, len(numbers)) if query.shape[0] else 0
+        # Stable sort over ascending numbers: equal scores keep the lower number first.
+        order = torch.sort(scores, descending=True, stable=True).indices[:k]
+        return Routed(numbers=numbers[order], scores=scores[order])
+
+    def content_kv(self, layer_index: int, numbers: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        docs = [self._docs[int(n)] for n in sorted(int(n) for n in numbers)]
+        if not docs:
+            first = next(iter(self._docs.values()), None)
+            shape = (0, *first.content_k.shape[2:]) if first is not None else (0, 0, 0)
+            empty = torch.empty(shape, device=self.device)
+            return empty, empty
+        k = torch.cat([d.content_k[layer_index] for d in docs]).to(self.device)
+        v = torch.cat([d.content_v[layer_index] for d in docs]).to(self.device)
+        return k, v
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stage 2 + 3
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """Left-padded prompts (spec §7.7)."""
+
+    input_ids: torch.Tensor
+    """(B, T) int64, pad id on the left."""
+    attention_mask: torch.Tensor
+    """(B, T) bool, False on padding."""
+    routing_mask: torch.Tensor
+    """(B, T) bool, routing tokens (never padding)."""
+    positions: torch.Tensor
+    """(B, T) int64: first_position + i for the i-th real token; padding repeats first_position."""
+
+
+def pad_batch(prompts: Sequence[Prompt], *, pad_id: int, first_position: int) -> Batch:
+    t = max(len(p.ids) for p in prompts)
+    b = len(prompts)
+    ids = torch.full((b, t), pad_id, dtype=torch.long)
+    att = torch.zeros((b, t), dtype=torch.bool)
+    route = torch.zeros((b, t), dtype=torch.bool)
+    pos = torch.full((b, t), first_position, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        n = len(p.ids)
+        ids[i, t - n :] = torch.tensor(p.ids, dtype=torch.long)
+        att[i, t - n :] = True
+        route[i, t - n :] = torch.tensor(p.routing_mask, dtype=torch.bool)
+        pos[i, t - n :] = torch.arange(first_position, first_position + n)
+    return Batch(ids, att, route, pos)
+
+
+@dataclass(slots=True)
+class LayerCache:
+    """One layer's compacted context, allocated once: [template (T0) | chunks (C_max) | prompt (T) | new]."""
+
+    k: torch.Tensor
+    """(B, Hkv, S, D)."""
+    v: torch.Tensor
+    """(B, Hkv, S, D)."""
+    valid: torch.Tensor
+    """(B, S) bool: columns that hold a real key (chunk padding, prompt padding, unwritten = False)."""
+    prompt_start: int
+    """Column of the first prompt token (T0 + C_max)."""
+
+
+@dataclass(slots=True)
+class Generation:
+    """What `generate` returns; everything is per sample, in prompt order."""
+
+    tokens: list[list[int]]
+    """Generated ids; ends with the stop id when one fired."""
+    finish_reasons: list[str]
+    """"stop" or "length"."""
+    routed: list[list[Routed]]
+    """[sample][layer_index]: the documents each router layer selected (evidence)."""
+    first_logits: torch.Tensor
+    """(B, V) float32 CPU: logits of the first generated token."""
+    step_logits: torch.Tensor | None = None
+    """(steps, B, V) float32 CPU, only with keep_logits=True."""
+    cache: list[LayerCache] | None = None
+    """Per layer, only with keep_cache=True."""
+
+
+def _as_prompts(prompt_ids: Sequence[int] | Sequence[Sequence[int]] | Sequence[Prompt], routing_mask: object) -> list[Prompt]:
+    items = list(prompt_ids)
+    if items and isinstance(items[0], Prompt):
+        return items  # type: ignore[return-value]
+    if items and isinstance(items[0], int):
+        items, routing_mask = [items], None if routing_mask is None else [routing_mask]
+    masks = routing_mask if routing_mask is not None else [None] * len(items)
+    out = []
+    for ids, m in zip(items, masks, strict=True):  # type: ignore[arg-type]
+        ids = [int(i) for i in ids]  # type: ignore[union-attr]
+        out.append(Prompt(ids=ids, routing_mask=[bool(x) for x in m] if m is not None else [True] * len(ids)))
+        if len(out[-1].routing_mask) != len(ids):
+            raise ValueError("routing_mask must have one entry per prompt token")
+    if not out or any(not p.ids for p in out):
+        raise ValueError("generate needs at least one non-empty prompt")
+    return out
+
+
+def _choose(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> torch.Tensor:
+    """(B, V) float32 -> (B,) token ids. temperature <= 0 is greedy (first max on ties)."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sp, si = probs.sort(-1, descending=True)
+        drop = sp.cumsum(-1) - sp > top_p  # keeps the smallest prefix whose mass reaches top_p
+        sp = sp.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, si, sp)
+    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+
+def _prefill(
+    model: MSAModel,
+    batch: Batch,
+    memory: MemoryView,
+    template: tuple[torch.Tensor, torch.Tensor],
+    max_new_tokens: int,
+    on_route: OnRoute | None,
+    trace: Trace | None,
+) -> tuple[list[LayerCache], list[list[Routed]], torch.Tensor]:
+    cfg, dev, dt = model.config, model.device, model.dtype
+    b, t = batch.input_ids.shape
+    t0 = template[0].shape[2]
+    cos, sin = model.rope(batch.positions)
+    causal = torch.ones(t, t, dtype=torch.bool, device=dev).tril()[None] & batch.attention_mask[:, None, :]  # (B, T, T)
+    route_mask = batch.routing_mask & batch.attention_mask
+    routed: list[list[Routed]] = [[] for _ in range(b)]
+    caches: list[LayerCache] = []
+    h = model.model.embed_tokens(batch.input_ids)
+    for i, layer in enumerate(model.model.layers):
+        attn = layer.self_attn
+        x = layer.input_layernorm(h)
+        q, k, v = attn.qkv(x, cos, sin)
+        chunks: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if attn.is_router:
+            r = cfg.router_layers.index(i)
+            qr = attn.router_q(x)
+            if trace:
+                trace(f"prefill/L{i}/routing_q", qr)
+            for s, query in enumerate(routing_queries(qr, route_mask, cfg)):
+                if query.shape[0]:
+                    sel = memory.route(r, query)
+                else:  # no routing tokens: nothing to route on, so no memory
+                    sel = Routed(numbers=torch.empty(0, dtype=torch.long), scores=torch.empty(0))
+                routed[s].append(sel)
+                if on_route:
+                    on_route(s, r, sel)
+                nums = sorted(int(n) for n in sel.numbers)
+                ck, cv = memory.content_kv(r, nums) if nums else (k.new_empty(0, 0, 0), v.new_empty(0, 0, 0))
+                chunks.append((ck.to(dev, dt), cv.to(dev, dt)))  # (C_s, Hkv, D)
+        c_max = max((ck.shape[0] for ck, _ in chunks), default=0)
+        p0 = t0 + c_max
+        size = p0 + t + max_new_tokens
+        cache = LayerCache(
+            k=torch.zeros(b, cfg.num_kv_heads, size, cfg.head_dim, device=dev, dtype=dt),
+            v=torch.zeros(b, cfg.num_kv_heads, size, cfg.head_dim, device=dev, dtype=dt),
+            valid=torch.zeros(b, size, dtype=torch.bool, device=dev),
+            prompt_start=p0,
+        )
+        cache.k[:, :, :t0] = template[0][i]
+        cache.v[:, :, :t0] = template[1][i]
+        cache.valid[:, :t0] = True
+        for s, (ck, cv) in enumerate(chunks):
+            n = ck.shape[0]
+            cache.k[s, :, t0 : t0 + n] = ck.transpose(0, 1)
+            cache.v[s, :, t0 : t0 + n] = cv.transpose(0, 1)
+            cache.valid[s, t0 : t0 + n] = True
+        cache.k[:, :, p0 : p0 + t] = k
+        cache.v[:, :, p0 : p0 + t] = v
+        cache.valid[:, p0 : p0 + t] = batch.attention_mask
+        # Every query sees the template and its sample's chunks; causal among real prompt tokens only.
+        mask = torch.cat([cache.valid[:, None, :p0].expand(b, t, p0), causal], dim=2)[:, None]  # (B, 1, T, S)
+        h = layer.finish(h, attention(q, cache.k[:, :, : p0 + t], cache.v[:, :, : p0 + t], mask))
+        caches.append(cache)
+        if trace:
+            trace(f"prefill/L{i}/q_post_rope", q)
+            trace(f"prefill/L{i}/k_post_rope", k)
+            trace(f"prefill/L{i}/hidden_out", h)
+    if trace:
+        hn = model.model.norm(h)
+        trace("prefill/final_norm_out", hn)
+        trace("prefill/logits", model.lm_head(hn).float())
+    logits = model.lm_head(model.model.norm(h[:, -1])).float()  # only the last position
+    return caches, routed, logits
+
+
+def _decode_step(
+    model: MSAModel, caches: list[LayerCache], ids: torch.Tensor, positions: torch.Tensor, col_offset: int
+) -> torch.Tensor:
+    """Feed one token per sample (B,) at positions (B,); writes column prompt_start + col_offset."""
+    cos, sin = model.rope(positions[:, None])
+    h = model.model.embed_tokens(ids[:, None])
+    for layer, cache in zip(model.model.layers, caches):
+        q, k, v = layer.self_attn.qkv(layer.input_layernorm(h), cos, sin)
+        col = cache.prompt_start + col_offset
+        cache.k[:, :, col] = k[:, :, 0]
+        cache.v[:, :, col] = v[:, :, 0]
+        cache.valid[:, col] = True
+        mask = cache.valid[:, None, None, : col + 1]
+        h = layer.finish(h, attention(q, cache.k[:, :, : col + 1], cache.v[:, :, : col + 1], mask))
+    return model.lm_head(model.model.norm(h[:, -1])).float()
+
+
+def generate(
+    model: MSAModel,
+    prompt_ids: Sequence[int] | Sequence[Sequence[int]] | Sequence[Prompt],
+    memory: MemoryView,
+    *,
+    routing_mask: Sequence[bool] | Sequence[Sequence[bool]] | None = None,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    stop_ids: Sequence[int] | None = None,
+    seed: int | None = None,
+    on_route: OnRoute | None = None,
+    template: tuple[torch.Tensor, torch.Tensor] | None = None,
+    keep_logits: bool = False,
+    keep_cache: bool = False,
+    trace: Trace | None = None,
+) -> Generation:
+    """Route, prefill and decode one prompt or a left-padded batch of prompts (spec §4, §5).
+
+    prompt_ids: one prompt (list of ids), several, or `Prompt`s (which carry their routing masks).
+    routing_mask: per token True = routing query (None: every token routes). Query positions start at
+    T0 + config.top_k (spec §2.4). Each router layer selects its own documents once, at prefill; decoding
+    reuses that context. Greedy when temperature <= 0. A sample stops after emitting any of `stop_ids`
+    (default: the checkpoint's EOS ids) or after max_new_tokens. on_route(sample, layer_index, routed)
+    is called as each router layer selects. `template`: precomputed `template_prefix(model)`.
+    """
+    if max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be >= 1")
+    prompts = _as_prompts(prompt_ids, routing_mask)
+    tok = _tokenizer(model)
+    stops = set(model.stop_ids if stop_ids is None else stop_ids)
+    gen = torch.Generator(device=model.device).manual_seed(seed) if seed is not None else None
+    with torch.inference_mode():
+        template = template if template is not None else template_prefix(model)
+        t0 = template[0].shape[2]
+        batch = pad_batch(prompts, pad_id=tok.pad_id, first_position=t0 + model.config.top_k)
+        batch = Batch(*(x.to(model.device) for x in (batch.input_ids, batch.attention_mask, batch.routing_mask, batch.positions)))
+        caches, routed, logits = _prefill(model, batch, memory, template, max_new_tokens, on_route, trace)
+        first = logits.cpu()
+        steps = [first] if keep_logits else []
+        last_pos = batch.positions[:, -1]
+        b = len(prompts)
+        tokens: list[list[int]] = [[] for _ in range(b)]
+        done = [False] * b
+        for step in range(max_new_tokens):
+            if step:
+                logits = _decode_step(model, caches, nxt, last_pos + step, batch.input_ids.shape[1] + step - 1)
+                if keep_logits:
+                    steps.append(logits.cpu())
+            nxt = _choose(logits, temperature, top_p, gen)
+            for s, tid in enumerate(nxt.tolist()):
+                if not done[s]:
+                    tokens[s].append(tid)
+                    done[s] = tid in stops
+            if all(done):
+                break
+    return Generation(
+        tokens=tokens,
+        finish_reasons=["stop" if d else "length" for d in done],
+        routed=routed,
+        first_logits=first,
+        step_logits=torch.stack(steps) if keep_logits else None,
+        cache=caches if keep_cache else None,
+    )
