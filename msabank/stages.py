@@ -427,6 +427,7 @@ def generate(
     temperature: float = 0.0,
     top_p: float = 1.0,
     stop_ids: Sequence[int] | None = None,
+    stop_text: str | None = None,
     seed: int | None = None,
     on_route: OnRoute | None = None,
     template: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -440,7 +441,9 @@ def generate(
     routing_mask: per token True = routing query (None: every token routes). Query positions start at
     T0 + config.top_k (spec §2.4). Each router layer selects its own documents once, at prefill; decoding
     reuses that context. Greedy when temperature <= 0. A sample stops after emitting any of `stop_ids`
-    (default: the checkpoint's EOS ids) or after max_new_tokens. on_route(sample, layer_index, routed)
+    (default: the checkpoint's EOS ids), once its decoded output contains `stop_text` (the interleave
+    marker `<End-of-Retrieve>` is plain text spread over several tokens, spec §1.4), or after
+    max_new_tokens. on_route(sample, layer_index, routed)
     is called as each router layer selects. `template`: precomputed `template_prefix(model)`.
     """
     if max_new_tokens < 1:
@@ -461,6 +464,8 @@ def generate(
         b = len(prompts)
         tokens: list[list[int]] = [[] for _ in range(b)]
         done = [False] * b
+        # The marker spans at most len(stop_text) tokens (one char each at worst): decode only that tail.
+        tail_tokens = len(stop_text) + 1 if stop_text else 0
         for step in range(max_new_tokens):
             if step:
                 logits = _decode_step(model, caches, nxt, last_pos + step, batch.input_ids.shape[1] + step - 1)
@@ -470,7 +475,8 @@ def generate(
             for s, tid in enumerate(nxt.tolist()):
                 if not done[s]:
                     tokens[s].append(tid)
-                    done[s] = tid in stops
+                    done[s] = tid in stops or (
+                        stop_text is not None and stop_text in tok.decode(tokens[s][-tail_tokens:]))
             if all(done):
                 break
     return Generation(

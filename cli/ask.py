@@ -1,0 +1,67 @@
+"""Query commands: ask (route, fetch, generate, interleave) and retrieve (ranked documents only)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from msabank.cli._render import emit_json, err_console, out_console
+from msabank.cli.bank import BankArg, DeviceOpt, JsonOpt, ModelOpt, _open
+
+
+def render_answer(ans, *, show_transcript: bool = False) -> None:  # noqa: ANN001
+    """Answer on stdout; rounds, evidence and timings after it."""
+    out_console.print(f"[bold]{ans.answer}[/]" if ans.answer else "[dim](no answer)[/]")
+    for r in ans.rounds:
+        docs = ", ".join(f"{h.id}[{h.number}] {h.score:.3f}/{len(h.layers)}L" for h in r.documents[:6])
+        more = f" +{len(r.documents) - 6}" if len(r.documents) > 6 else ""
+        line = f"  round {r.index}: routed {docs}{more}"
+        if r.requested:
+            line += f" → model named {', '.join(f'[{n}]' for n in r.requested)}"
+        if r.injected:
+            line += f" → appended {', '.join(r.injected)}"
+        out_console.print(line, markup=False)
+    t = ans.timings
+    out_console.print(f"  finish: {ans.finish}; {t['total'] * 1000:.0f} ms (index refresh {t['refresh'] * 1000:.0f} ms)",
+                      markup=False)
+    if show_transcript:
+        out_console.print(ans.transcript, markup=False)
+
+
+def ask(bank: Path = BankArg, question: str = typer.Argument(..., help="The question."),
+        max_rounds: int = typer.Option(4, "--max-rounds", min=0, help="Interleave retrieval rounds at most."),
+        max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1, help="Tokens generated per round at most."),
+        temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy."),
+        top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0),
+        seed: Optional[int] = typer.Option(None, "--seed"),
+        transcript: bool = typer.Option(False, "--transcript", help="Also print the whole transcript."),
+        model: Optional[str] = ModelOpt, device: Optional[str] = DeviceOpt, json_out: bool = JsonOpt) -> None:
+    """Ask a question: route, fetch, generate, with interleaved multi-hop rounds and the evidence shown."""
+    with _open(bank, model, device, readonly=True) as eng:
+        ans = eng.ask(question, max_rounds=max_rounds, max_new_tokens=max_new_tokens, temperature=temperature,
+                      top_p=top_p, seed=seed)
+    if json_out:
+        emit_json(ans)
+    else:
+        render_answer(ans, show_transcript=transcript)
+
+
+def retrieve(bank: Path = BankArg, question: str = typer.Argument(..., help="The question."),
+             model: Optional[str] = ModelOpt, device: Optional[str] = DeviceOpt, json_out: bool = JsonOpt) -> None:
+    """Rank the documents the router layers select for a question (no generation)."""
+    with _open(bank, model, device, readonly=True) as eng:
+        hits = eng.retrieve(question)
+    if json_out:
+        emit_json(hits)
+        return
+    for h in hits:
+        out_console.print(f"{h.score:8.4f}  {h.id} [{h.number}]  layers {sorted(h.layers)}", markup=False)
+    if not hits:
+        err_console.print("no documents in the bank")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("ask")(ask)
+    app.command("retrieve")(retrieve)

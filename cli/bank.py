@@ -1,0 +1,188 @@
+"""Bank commands: init, ingest, update, delete, ls, show, stats, verify, compact."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from msabank.cli._render import emit_json, err_console, out_console, report_line
+from msabank.errors import BankCorruptedError, InputError
+
+BankArg = typer.Argument(..., help="Path of the bank directory.")
+ModelOpt = typer.Option(None, "--model", "-m", help="Checkpoint directory (default: the one the bank was made with).")
+DeviceOpt = typer.Option(None, "--device", help="torch device, e.g. cpu or cuda:0 (default: cuda if available).")
+JsonOpt = typer.Option(False, "--json", help="Machine-readable output on stdout.")
+
+
+def _open(bank: Path, model: Optional[str], device: Optional[str], readonly: bool = False):  # noqa: ANN202
+    from msabank.engine import Engine
+
+    return Engine.open(bank, model, readonly=readonly, device=device)
+
+
+def init(bank: Path = BankArg, model: Optional[str] = typer.Option(None, "--model", "-m",
+         help="Checkpoint directory (default: the embedded default model)."),
+         dtype: Optional[str] = typer.Option(None, "--dtype", help="Storage dtype: bfloat16, float16 or float32 "
+                                             "(default: the checkpoint's torch_dtype)."),
+         device: Optional[str] = DeviceOpt, json_out: bool = JsonOpt) -> None:
+    """Create an empty bank bound to a model."""
+    from msabank.engine import Engine
+
+    with Engine.create(bank, model, dtype=dtype, device=device) as eng:
+        g = eng.bank.geometry
+        if json_out:
+            emit_json({"path": str(bank), "geometry": g, "version": eng.bank.version})
+        else:
+            out_console.print(f"created bank {bank} ({g.num_router_layers} router layers, {g.num_kv_heads}x"
+                              f"{g.head_dim} KV, chunk {g.chunk_size}, {g.dtype})")
+
+
+def ingest(bank: Path = BankArg,
+           corpus: Path = typer.Argument(..., help="JSONL, Parquet or CSV file, or a folder of .txt/.md files."),
+           id_field: str = typer.Option("id", "--id-field", help="Field holding the document id."),
+           text_field: str = typer.Option("text", "--text-field", help="Field holding the document text."),
+           fmt: Optional[str] = typer.Option(None, "--format", help="jsonl, parquet, csv or folder (default: by suffix)."),
+           sync: bool = typer.Option(False, "--sync", help="Also delete bank documents absent from the corpus."),
+           batch_size: int = typer.Option(32, "--batch-size", min=1, help="Documents per committed batch."),
+           model: Optional[str] = ModelOpt, device: Optional[str] = DeviceOpt, json_out: bool = JsonOpt) -> None:
+    """Encode a corpus into the bank (resumable: committed, unchanged documents are skipped)."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from msabank.storage.readers import count_records, read_corpus
+
+    total = count_records(corpus, fmt=fmt)
+    batches = read_corpus(corpus, id_field=id_field, text_field=text_field, fmt=fmt, batch_size=batch_size)
+    t0 = time.perf_counter()
+    with _open(bank, model, device) as eng, Progress(
+        TextColumn("[bold]ingest"), BarColumn(), TextColumn("{task.completed}/{task.total} docs"),
+        TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+        console=err_console, transient=not sys.stderr.isatty(), disable=not sys.stderr.isatty(),
+    ) as bar:
+        task = bar.add_task("ingest", total=total, rate="")
+
+        def progress(docs: int, tokens: int) -> None:
+            dt = max(time.perf_counter() - t0, 1e-9)
+            bar.update(task, completed=docs, rate=f"{tokens / dt:,.0f} tok/s")
+
+        run = eng.sync if sync else eng.ingest
+        report = run(batches, batch_size=batch_size, progress=progress)
+    seconds = time.perf_counter() - t0
+    if json_out:
+        emit_json({"report": report, "seconds": seconds})
+    else:
+        out_console.print(f"{report_line(report)} in {seconds:.1f}s")
+
+
+def update(bank: Path = BankArg, doc_id: str = typer.Argument(..., help="The document's id."),
+           text: Optional[str] = typer.Option(None, "--text", help="New text."),
+           text_file: Optional[Path] = typer.Option(None, "--file", help="Read the new text from this file."),
+           model: Optional[str] = ModelOpt, device: Optional[str] = DeviceOpt, json_out: bool = JsonOpt) -> None:
+    """Re-encode one document with new text (new version, same number)."""
+    if (text is None) == (text_file is None):
+        raise InputError("give exactly one of --text or --file")
+    if text_file is not None:
+        try:
+            text = text_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputError(f"cannot read text: {e}", path=str(text_file)) from None
+    with _open(bank, model, device) as eng:
+        report = eng.update(doc_id, text or "")
+        rec = eng.get(doc_id)
+    if json_out:
+        emit_json({"report": report, "id": doc_id, "number": rec.number, "version": rec.version})
+    else:
+        out_console.print(f"{doc_id} [{rec.number}] is now version {rec.version}: {report_line(report)}")
+
+
+def delete(bank: Path = BankArg, doc_ids: list[str] = typer.Argument(..., help="Document ids to delete."),
+           model: Optional[str] = ModelOpt, json_out: bool = JsonOpt) -> None:
+    """Delete documents (tombstones; `compact` reclaims their space)."""
+    with _open(bank, model, "cpu") as eng:
+        report = eng.delete(doc_ids)
+    emit_json({"report": report}) if json_out else out_console.print(report_line(report))
+
+
+def ls(bank: Path = BankArg, limit: int = typer.Option(0, "--limit", help="Show at most this many (0: all)."),
+       model: Optional[str] = ModelOpt, json_out: bool = JsonOpt) -> None:
+    """List live documents."""
+    from rich.table import Table
+
+    with _open(bank, model, "cpu", readonly=True) as eng:
+        recs = list(eng.list())
+    recs = recs[:limit] if limit else recs
+    if json_out:
+        emit_json([{"id": r.user_id, "number": r.number, "version": r.version, "tokens": r.n_tokens,
+                    "chunks": r.num_chunks, "updated_at": r.updated_at} for r in recs])
+        return
+    table = Table("id", "number", "version", "tokens", "chunks", "text")
+    for r in recs:
+        table.add_row(r.user_id, str(r.number), str(r.version), str(r.n_tokens), str(r.num_chunks),
+                      (r.text[:60] + "…") if len(r.text) > 60 else r.text)
+    out_console.print(table)
+
+
+def show(bank: Path = BankArg, doc_id: str = typer.Argument(..., help="The document's id."),
+         model: Optional[str] = ModelOpt, json_out: bool = JsonOpt) -> None:
+    """Show one document: text, number, versions."""
+    with _open(bank, model, "cpu", readonly=True) as eng:
+        rec = eng.get(doc_id)
+        versions = eng.bank.versions(doc_id)
+    if json_out:
+        emit_json({"document": rec, "versions": versions})
+        return
+    out_console.print(f"[bold]{rec.user_id}[/] [{rec.number}] version {rec.version}, {rec.n_tokens} tokens, "
+                      f"{rec.num_chunks} chunks")
+    for v in versions:
+        out_console.print(f"  v{v.version} {v.kind} at bank version {v.bank_version} "
+                          f"({time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(v.committed_at))})")
+    out_console.print(rec.text, markup=False)
+
+
+def stats(bank: Path = BankArg, model: Optional[str] = ModelOpt, json_out: bool = JsonOpt) -> None:
+    """Counts and sizes: documents, chunks, tokens, bytes on disk."""
+    with _open(bank, model, "cpu", readonly=True) as eng:
+        s = eng.stats()
+    if json_out:
+        emit_json(s)
+        return
+    per_tok = s.tensor_bytes_on_disk / s.tokens if s.tokens else 0.0
+    out_console.print(f"version {s.version}: {s.documents} documents ({s.deleted} deleted), {s.tokens} tokens, "
+                      f"{s.live_chunks} chunks ({s.total_rows} rows stored), {s.bytes_on_disk / 1e6:.2f} MB on "
+                      f"disk ({per_tok:.0f} B/token of tensors)")
+
+
+def verify(bank: Path = BankArg, model: Optional[str] = ModelOpt, json_out: bool = JsonOpt) -> None:
+    """Check every checksum and structure; exit 1 when anything is wrong."""
+    with _open(bank, model, "cpu", readonly=True) as eng:
+        rep = eng.verify()
+    if json_out:
+        emit_json({"ok": rep.ok, "report": rep})
+    else:
+        out_console.print(f"checked {rep.documents} documents, {rep.rows_checked} rows: "
+                          f"{'ok' if rep.ok else 'PROBLEMS'}")
+        for p in rep.problems:
+            err_console.print(f"  {p}", markup=False)
+    if not rep.ok:
+        raise BankCorruptedError(f"{len(rep.problems)} problem(s) in {bank}",
+                                 doc_id=rep.corrupted[0] if rep.corrupted else None,
+                                 hint="re-ingest the named documents; `msabank compact` drops unreferenced rows")
+
+
+def compact(bank: Path = BankArg, model: Optional[str] = ModelOpt, json_out: bool = JsonOpt) -> None:
+    """Reclaim the rows of superseded and deleted versions (crash-safe)."""
+    with _open(bank, model, "cpu") as eng:
+        rep = eng.compact()
+    if json_out:
+        emit_json(rep)
+    else:
+        out_console.print(f"rows {rep.rows_before} -> {rep.rows_after}, tensor bytes {rep.bytes_before / 1e6:.2f} MB "
+                          f"-> {rep.bytes_after / 1e6:.2f} MB (bank version {rep.version})")
+
+
+def register(app: typer.Typer) -> None:
+    for fn in (init, ingest, update, delete, ls, show, stats, verify, compact):
+        app.command(fn.__name__)(fn)

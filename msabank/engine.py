@@ -1,0 +1,610 @@
+"""The engine: a bank on disk joined to its model — ingest, update, delete, sync, retrieve, ask.
+
+Scope: the request lifecycle (plan → encode only what changed → commit; refresh the routing index → route
+→ fetch content K/V → prefill → decode → memory interleave). Model math lives in `msabank.stages`, bytes on
+disk in `msabank.storage`, routing/fetch in `msabank.index`. This module never prints; progress is a
+callback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+
+import torch
+
+from msabank import prompt as P
+from msabank import stages
+from msabank.errors import BankNotFoundError, ConfigError, DocumentNotFoundError, InputError
+from msabank.index import ContentStore, RoutingIndex
+from msabank.model import MSAModel, load_model
+from msabank.storage.bank import Bank, Snapshot
+from msabank.storage.records import DocumentRecord, DocumentWrite, Geometry, Planned, WriteReport
+from msabank.types import EncodedMemory, Routed
+
+log = logging.getLogger("msabank.engine")
+
+ENGINE_FILE = "engine.json"  # which model serves the bank (a hint; the fingerprint is what binds)
+DEFAULT_MODEL = "default"
+_ID_RE = re.compile(r"\[(\d+)\]")
+
+Progress = Callable[[int, int], None]
+"""progress(documents_done, tokens_encoded), called after each committed batch (unchanged documents are
+counted as done but encode no tokens)."""
+
+
+def default_model_path() -> Path:
+    """The small MSA model shipped inside the package (msabank/default_model)."""
+    return Path(__file__).resolve().parent / "default_model"
+
+
+def resolve_model_path(model: str | Path | None) -> Path:
+    if model is None or str(model) == DEFAULT_MODEL:
+        p = default_model_path()
+        if not (p / "config.json").exists():
+            raise ConfigError("the embedded default model is missing from this installation",
+                              hint="pass --model /path/to/checkpoint")
+        return p
+    p = Path(model).expanduser()
+    if not (p / "config.json").exists():
+        raise ConfigError(f"{p}: not a checkpoint directory (no config.json)",
+                          hint="point --model at a directory with config.json, model.safetensors, tokenizer.json")
+    return p
+
+
+def pick_device(device: str | None) -> torch.device:
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Results
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    """One retrieved document: its ids and its scores in the router layers that selected it."""
+
+    id: str
+    """The user's document id."""
+    number: int
+    """The permanent document number `[n]`."""
+    score: float
+    """Best score over the layers that selected it."""
+    layers: dict[int, float]
+    """Router layer (model layer index) → score, for the layers whose top-k included it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Round:
+    """One interleave round: routing over the transcript, then what the model generated."""
+
+    index: int
+    """0 for the question alone, then one per injection."""
+    documents: list[Hit]
+    """Documents routed to in this round (union over router layers), best first."""
+    generated: str
+    """Text the model generated in this round (special tokens kept)."""
+    tokens: list[int]
+    """The token ids generated in this round (before any hand-off text)."""
+    requested: list[int]
+    """Document numbers the model named `[n]` at the end of the round (empty in the final round)."""
+    injected: list[str]
+    """User ids of the documents whose text was appended after this round."""
+    seconds: float
+    """Wall time of the round."""
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """The result of `Engine.ask`."""
+
+    question: str
+    answer: str
+    """The text after `The answer to the question is:` (or the final text when the model skipped it)."""
+    rounds: list[Round]
+    finish: str
+    """"answer" (model answered), "eos", "round_limit" or "token_budget"."""
+    transcript: str
+    """The whole transcript as the model saw it, special tokens kept."""
+    timings: dict[str, float]
+    """Seconds: refresh, route_fetch_prefill, decode, total."""
+
+    @property
+    def evidence(self) -> list[Hit]:
+        """Every document that was injected as text, in order (the hops the model took)."""
+        seen: dict[str, Hit] = {}
+        for r in self.rounds:
+            for uid in r.injected:
+                for h in r.documents:
+                    if h.id == uid:
+                        seen.setdefault(uid, h)
+                seen.setdefault(uid, Hit(uid, -1, float("nan"), {}))
+        return list(seen.values())
+
+
+# ---------------------------------------------------------------------------------------------------
+# The memory a generation sees
+
+
+class BankMemory:
+    """`MemoryView` over the routing index and the content store (one consistent bank version)."""
+
+    def __init__(self, index: RoutingIndex, content: ContentStore, top_k: int) -> None:
+        self.index = index
+        self.content = content
+        self.top_k = top_k
+
+    def route(self, layer_index: int, query: torch.Tensor) -> Routed:
+        return self.index.search(layer_index, query, self.top_k)
+
+    def content_kv(self, layer_index: int, numbers: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.content.fetch(layer_index, numbers)
+
+
+class ReplayMemory:
+    """Serves the routing decisions of an earlier prefill again (the answer hand-off does not re-route:
+    in the official engine the restatement is decoded with the same compacted cache, spec §6.2)."""
+
+    def __init__(self, inner: BankMemory, routed: Sequence[Routed]) -> None:
+        self.inner = inner
+        self.routed = list(routed)
+
+    def route(self, layer_index: int, query: torch.Tensor) -> Routed:
+        return self.routed[layer_index]
+
+    def content_kv(self, layer_index: int, numbers: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.inner.content_kv(layer_index, numbers)
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+class Engine:
+    """A bank joined to its model. Open with `Engine.open` / `Engine.create` or `msabank.open_bank`."""
+
+    def __init__(self, bank: Bank, model: MSAModel, path: Path, *, index_device: torch.device | None = None) -> None:
+        self.bank = bank
+        self.model = model
+        self.path = path
+        self.tokenizer: P.Tokenizer = model.tokenizer
+        self._template = stages.template_prefix(model)
+        self._index_device = index_device or model.device
+        self._index: RoutingIndex | None = None
+        self._content: ContentStore | None = None
+        self._index_version = -1
+
+    # ---- opening --------------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, path: str | Path, model: str | Path | None = None, *, dtype: str | None = None,
+               device: str | None = None) -> Engine:
+        """Create a new bank at `path` bound to `model` (a checkpoint directory; None: the default)."""
+        path = Path(path)
+        mpath = resolve_model_path(model)
+        m = load_model(mpath, device=pick_device(device))
+        cfg = m.config
+        storage_dtype = dtype or _dtype_name(cfg.torch_dtype)
+        geometry = Geometry(
+            num_router_layers=len(cfg.router_layers), num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads,
+            head_dim=cfg.head_dim, chunk_size=cfg.chunk_size, template_len=len(P.template_parts(m.tokenizer).head),
+            dtype=storage_dtype,  # type: ignore[arg-type]
+        )
+        tk, tv = stages.template_prefix(m)
+        sdt = _torch_dtype(storage_dtype)
+        cache: dict[str, Any] = {}
+        fp = checkpoint_fingerprint(mpath, m, storage_dtype, cache)
+        bank = Bank.create(path, geometry, fp, tk.to("cpu", sdt), tv.to("cpu", sdt))
+        meta = {"model": DEFAULT_MODEL if model is None else str(mpath.resolve()), "dtype": storage_dtype,
+                "weights_sha256": cache}
+        (path / ENGINE_FILE).write_text(json.dumps(meta, indent=1))
+        return cls(bank, m, path)
+
+    @classmethod
+    def open(cls, path: str | Path, model: str | Path | None = None, *, readonly: bool = False,
+             device: str | None = None) -> Engine:
+        """Open an existing bank. `model` defaults to the one the bank was created with."""
+        path = Path(path)
+        meta_file = path / ENGINE_FILE
+        if not meta_file.exists():
+            raise BankNotFoundError(f"{path}: no msabank bank here", hint=f"create one with `msabank init {path}`")
+        meta = json.loads(meta_file.read_text())
+        mpath = resolve_model_path(model if model is not None else meta.get("model"))
+        m = load_model(mpath, device=pick_device(device))
+        cache = dict(meta.get("weights_sha256", {}))
+        fp = checkpoint_fingerprint(mpath, m, meta.get("dtype", "bfloat16"), cache)
+        bank = Bank.open(path, fingerprint=fp, readonly=readonly)
+        return cls(bank, m, path)
+
+    def close(self) -> None:
+        self.bank.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- writing --------------------------------------------------------------------------------
+
+    @property
+    def storage_dtype(self) -> torch.dtype:
+        return _torch_dtype(self.bank.geometry.dtype)
+
+    def encode(self, planned: Sequence[Planned]) -> list[DocumentWrite]:
+        """Stage 1 for the planned add/update items (documents are independent: any batch, any order)."""
+        todo = [p for p in planned if p.action != "unchanged"]
+        if not todo:
+            return []
+        mems = stages.encode_documents(self.model, [(p.number, p.text) for p in todo])
+        dt = self.storage_dtype
+        return [
+            DocumentWrite(user_id=p.user_id, number=p.number, text=p.text, content_hash=p.content_hash,
+                          memory=_cast(mem, dt))
+            for p, mem in zip(todo, mems, strict=True)
+        ]
+
+    def put(self, items: Sequence[tuple[str, str]]) -> WriteReport:
+        """Add or update a batch of (id, text) atomically; unchanged texts are skipped, not re-encoded."""
+        return self._put(items)[0]
+
+    def _put(self, items: Sequence[tuple[str, str]]) -> tuple[WriteReport, int]:
+        _validate_items(items)
+        planned = self.bank.plan(items)
+        writes = self.encode(planned)
+        report = self.bank.write(writes)
+        unchanged = sum(p.action == "unchanged" for p in planned)
+        return _with_unchanged(report, unchanged), sum(w.memory.n_tokens for w in writes)
+
+    def ingest(self, records: Iterable[Sequence[tuple[str, str]]] | Iterable[tuple[str, str]], *,
+               batch_size: int = 32, progress: Progress | None = None) -> WriteReport:
+        """Ingest documents, committing one batch at a time (resumable: re-running skips what is committed).
+
+        `records` is an iterable of (id, text) pairs or of batches of them (the corpus readers yield batches).
+        """
+        totals = [0, 0, 0, 0]
+        version = self.bank.version
+        docs = tokens = 0
+        for batch in _batches(records, batch_size):
+            r, encoded = self._put(batch)
+            totals = [totals[0] + r.added, totals[1] + r.updated, totals[2] + r.unchanged, totals[3] + r.deleted]
+            version = r.version
+            docs += len(batch)
+            tokens += encoded
+            if progress:
+                progress(docs, tokens)
+        return WriteReport(added=totals[0], updated=totals[1], unchanged=totals[2], deleted=totals[3], version=version)
+
+    def sync(self, records: Iterable[Sequence[tuple[str, str]]] | Iterable[tuple[str, str]], *,
+             batch_size: int = 32, progress: Progress | None = None) -> WriteReport:
+        """Make the bank equal to `records`: upsert each, then delete every live id absent from them."""
+        seen: set[str] = set()
+
+        def tap() -> Iterator[Sequence[tuple[str, str]]]:
+            for batch in _batches(records, batch_size):
+                seen.update(i for i, _ in batch)
+                yield batch
+
+        r = self.ingest(tap(), batch_size=batch_size, progress=progress)
+        absent = [rec.user_id for rec in self.bank.list() if rec.user_id not in seen]
+        d = self.delete(absent) if absent else WriteReport(0, 0, 0, 0, r.version)
+        return WriteReport(r.added, r.updated, r.unchanged, d.deleted, d.version)
+
+    def update(self, doc_id: str, text: str) -> WriteReport:
+        """Re-encode one existing document under its number (new version)."""
+        self.bank.get(doc_id)  # DocumentNotFoundError for an unknown id
+        return self.put([(doc_id, text)])
+
+    def delete(self, doc_ids: Sequence[str]) -> WriteReport:
+        for d in doc_ids:
+            self.bank.get(d)
+        return self.bank.write([], delete=list(doc_ids))
+
+    # ---- reading --------------------------------------------------------------------------------
+
+    def get(self, doc_id: str) -> DocumentRecord:
+        return self.bank.get(doc_id)
+
+    def list(self) -> Iterator[DocumentRecord]:
+        return iter(self.bank.list())
+
+    def stats(self) -> Any:
+        return self.bank.stats()
+
+    def verify(self) -> Any:
+        return self.bank.verify()
+
+    def compact(self) -> Any:
+        return self.bank.compact()
+
+    # ---- routing index --------------------------------------------------------------------------
+
+    def refresh(self, snap: Snapshot | None = None) -> float:
+        """Bring the routing index and content store up to the bank's latest version; returns seconds.
+
+        The first call loads every live document (bulk routing-key reads, one per router layer); later
+        calls apply only the changes since (new rows appended, superseded rows masked), so an update costs
+        the document, not the bank.
+        """
+        t = time.perf_counter()
+        own = snap is None
+        snap = snap or self.bank.snapshot()
+        try:
+            if self._index is None:
+                self._load_index(snap)
+            elif snap.version != self._index_version:
+                self._apply_changes(snap)
+        finally:
+            if own:
+                snap.close()
+        return time.perf_counter() - t
+
+    def _load_index(self, snap: Snapshot) -> None:
+        g = self.bank.geometry
+        cdt = self.model.dtype
+        index = RoutingIndex(g.num_router_layers, g.row_width, device=self._index_device, dtype=cdt)
+        content = ContentStore(g.num_router_layers, g.num_kv_heads, g.head_dim, device=self.model.device, dtype=cdt)
+        layers = [snap.routing_keys(r) for r in range(g.num_router_layers)]
+        if layers and layers[0][1].numel():
+            index.add_rows(layers[0][1], [k for k, _ in layers])
+        numbers = [int(n) for n in snap.row_map()[0]]
+        for i in range(0, len(numbers), 1024):
+            kv = snap.content_kv(numbers[i : i + 1024])
+            content.add(list(kv), [t.to(cdt) for t in kv.values()])
+        self._index, self._content, self._index_version = index, content, snap.version
+
+    def _apply_changes(self, snap: Snapshot) -> None:
+        assert self._index is not None and self._content is not None
+        ch = snap.changes_since(self._index_version)
+        if ch.deleted_numbers:
+            self._index.remove(ch.deleted_numbers)
+            self._content.remove(ch.deleted_numbers)
+        ups = list(ch.upserted_numbers)
+        if ups:
+            mems = [snap.tensors(snap.user_id(n)) for n in ups]
+            r = self.bank.geometry.num_router_layers
+            cdt = self.model.dtype
+            self._index.add(ups, [m.num_chunks for m in mems],
+                            [torch.cat([m.routing_keys[layer].flatten(1) for m in mems]).to(cdt) for layer in range(r)])
+            self._content.add(ups, [torch.stack([m.content_k, m.content_v], dim=2).transpose(0, 1).to(cdt)
+                                    for m in mems])  # (C, R, 2, Hkv, D)
+        self._index_version = ch.version
+
+    def memory(self, snap: Snapshot | None = None) -> BankMemory:
+        self.refresh(snap)
+        assert self._index is not None and self._content is not None
+        return BankMemory(self._index, self._content, self.model.config.top_k)
+
+    def _hits(self, snap: Snapshot, routed: Sequence[Routed]) -> list[Hit]:
+        by_number: dict[int, dict[int, float]] = {}
+        for r, sel in enumerate(routed):
+            layer = self.model.config.router_layers[r]
+            for n, sc in zip(sel.numbers.tolist(), sel.scores.tolist()):
+                by_number.setdefault(int(n), {})[layer] = float(sc)
+        hits = [Hit(snap.user_id(n), n, max(ls.values()), ls) for n, ls in by_number.items()]
+        return sorted(hits, key=lambda h: (-h.score, h.number))
+
+    def retrieve(self, question: str) -> list[Hit]:
+        """Route the question alone (round 1) and return the documents the router layers selected."""
+        q = _check_question(question)
+        with self.bank.snapshot() as snap:
+            mem = self.memory(snap)
+            pr = P.question_prompt(self.tokenizer, q)
+            gen = stages.generate(self.model, pr.ids, mem, routing_mask=pr.routing_mask, max_new_tokens=1,
+                                  template=self._template)
+            return self._hits(snap, gen.routed[0])
+
+    # ---- asking ---------------------------------------------------------------------------------
+
+    def ask(self, question: str, *, max_rounds: int = 4, max_new_tokens: int = 128, token_budget: int = 8192,
+            temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> Answer:
+        """Route, fetch, generate; follow memory interleave (spec §6) until the model answers.
+
+        Each round: the model names documents `[n]…<|object_ref_end|>`; their original text is appended as
+        `[n]. text\\n…<|object_ref_end|>`; routing runs again on the question plus the latest documents.
+        `<End-of-Retrieve>` hands off to the answer: the question is restated and the model answers with
+        the same memory selection. `max_rounds` bounds retrieval rounds (the official loop has no bound);
+        `token_budget` bounds the transcript. Document text is tokenized as plain text, and the routing
+        regions come from where msabank put things, not from searching the text, so a document cannot
+        inject control tokens or move the routing regions.
+        """
+        q = _check_question(question)
+        with self.bank.snapshot() as snap:  # one consistent bank version for the whole question
+            return self._ask(snap, q, max_rounds, max_new_tokens, token_budget, temperature, top_p, seed)
+
+    def _ask(self, snap: Snapshot, q: str, max_rounds: int, max_new_tokens: int, token_budget: int,
+             temperature: float, top_p: float, seed: int | None) -> Answer:
+        t_start = time.perf_counter()
+        t_refresh = self.refresh(snap)
+        mem = self.memory(snap)
+        tok = self.tokenizer
+        first = P.question_prompt(tok, q)
+        transcript = list(first.ids)
+        question_mask = list(first.routing_mask)
+        latest: tuple[int, int] | None = None  # token span of the documents injected in the latest round
+        rounds: list[Round] = []
+        stop_ids = [tok.object_ref_end_id, *self.model.stop_ids]
+        sampling = dict(temperature=temperature, top_p=top_p, seed=seed, template=self._template)
+        finish, answer_text = "round_limit", ""
+        for r in range(max_rounds + 1):
+            t_round = time.perf_counter()
+            mask = question_mask + [False] * (len(transcript) - len(question_mask))
+            if latest is not None:
+                mask[latest[0] : latest[1]] = [True] * (latest[1] - latest[0])
+            budget = min(max_new_tokens, token_budget - len(transcript))
+            if budget < 1:
+                finish = "token_budget"
+                break
+            gen = stages.generate(self.model, transcript, mem, routing_mask=mask, max_new_tokens=budget,
+                                  stop_ids=stop_ids, stop_text=P.END_OF_RETRIEVE, **sampling)
+            out = gen.tokens[0]
+            text = tok.decode(out)
+            hits = self._hits(snap, gen.routed[0])
+            transcript += out
+            retrieval_done = P.END_OF_RETRIEVE in text
+            if retrieval_done or r == max_rounds:
+                # Hand-off (spec §6.2, stage 3): restate the question; answer with the same selection.
+                handoff = P.restatement_ids(tok, q)
+                transcript += handoff
+                budget = min(max_new_tokens, token_budget - len(transcript))
+                atext = ""
+                if budget >= 1:
+                    ans = stages.generate(self.model, transcript, ReplayMemory(mem, gen.routed[0]),
+                                          routing_mask=mask + [False] * (len(transcript) - len(mask)),
+                                          max_new_tokens=budget, stop_ids=self.model.stop_ids, **sampling)
+                    transcript += ans.tokens[0]
+                    atext = tok.decode(ans.tokens[0])
+                rounds.append(Round(r, hits, text + tok.decode(handoff) + atext, out, [], [], time.perf_counter() - t_round))
+                answer_text = _extract_answer(atext)
+                finish = "answer" if retrieval_done and budget >= 1 else ("token_budget" if budget < 1 else "round_limit")
+                break
+            if out and out[-1] == tok.object_ref_end_id:
+                requested = sorted({int(m) for m in _ID_RE.findall(text)})
+                found = _live_records(snap, requested)
+                if found:
+                    start = len(transcript)
+                    transcript += P.injection_ids(tok, [(n, found[n].text) for n in sorted(found)])
+                    latest = (start, len(transcript) - 1)  # the documents, without the closing delimiter
+                rounds.append(Round(r, hits, text, out, requested, [found[n].user_id for n in sorted(found)],
+                                    time.perf_counter() - t_round))
+                continue
+            # EOS or length without the protocol: what it said is the answer.
+            rounds.append(Round(r, hits, text, out, [], [], time.perf_counter() - t_round))
+            answer_text = _extract_answer(text)
+            finish = "eos" if gen.finish_reasons[0] == "stop" else "token_budget"
+            break
+        total = time.perf_counter() - t_start
+        timings = {"refresh": t_refresh, "generate": total - t_refresh, "total": total}
+        return Answer(q, answer_text, rounds, finish, tok.decode(transcript), timings)
+
+
+def _live_records(snap: Snapshot, numbers: Sequence[int]) -> dict[int, DocumentRecord]:
+    """The live documents among `numbers` (the model may name numbers that do not exist)."""
+    out: dict[int, DocumentRecord] = {}
+    for n in numbers:
+        try:
+            out[n] = snap.get(snap.user_id(n))
+        except DocumentNotFoundError:  # never existed, or deleted
+            continue
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# helpers
+
+
+def open_bank(path: str | Path, model: str | Path | None = None, *, create: bool = False, readonly: bool = False,
+              device: str | None = None) -> Engine:
+    """Open (or with create=True, create if absent) the bank at `path`."""
+    p = Path(path)
+    if create and not (p / ENGINE_FILE).exists():
+        return Engine.create(p, model, device=device)
+    return Engine.open(p, model, readonly=readonly, device=device)
+
+
+def checkpoint_fingerprint(model_dir: Path, model: MSAModel, storage_dtype: str, cache: dict[str, Any]) -> str:
+    """sha256 binding a bank to everything that changes its bytes: config (incl. msa_config), tokenizer,
+    prompt template version, the weight files' bytes and the storage dtype.
+
+    The compute dtype is deliberately left out: a bank is served by the same checkpoint on CPU (float32)
+    and GPU (bf16). Hashing an 8 GB checkpoint takes ~15 s, so the weight hash is cached in engine.json
+    keyed by each file's size and mtime.
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    h.update(json.dumps(model.config.fingerprint_dict(), sort_keys=True).encode())
+    h.update(P.PROMPT_TEMPLATE_VERSION.encode())
+    h.update(model.tokenizer.json_bytes)
+    h.update(storage_dtype.encode())
+    for f in sorted(model_dir.glob("*.safetensors")):
+        st = f.stat()
+        key = f"{f.name}:{st.st_size}:{st.st_mtime_ns}"
+        if key not in cache:
+            fh = hashlib.sha256()
+            with open(f, "rb") as fp:
+                for block in iter(lambda: fp.read(1 << 22), b""):
+                    fh.update(block)
+            cache[key] = fh.hexdigest()
+        h.update(f"{f.name}={cache[key]}".encode())
+    return h.hexdigest()
+
+
+def _dtype_name(dt: Any) -> str:
+    s = str(dt).replace("torch.", "")
+    return s if s in ("bfloat16", "float16", "float32") else "bfloat16"
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+
+
+def _cast(mem: EncodedMemory, dt: torch.dtype) -> EncodedMemory:
+    return EncodedMemory(mem.n_tokens, *(t.to("cpu", dt).contiguous() for t in
+                                         (mem.routing_keys, mem.content_k, mem.content_v)))
+
+
+def _with_unchanged(r: WriteReport, unchanged: int) -> WriteReport:
+    return WriteReport(r.added, r.updated, max(r.unchanged, unchanged), r.deleted, r.version)
+
+
+def _check_question(question: str) -> str:
+    if not isinstance(question, str) or not question.strip():
+        raise InputError("the question is empty", hint="ask something, e.g. msabank ask BANK \"Who …?\"")
+    return question.strip()
+
+
+def _validate_items(items: Sequence[tuple[str, str]]) -> None:
+    seen: set[str] = set()
+    for i, (doc_id, text) in enumerate(items):
+        if not isinstance(doc_id, str) or not doc_id:
+            raise InputError(f"item {i}: empty document id")
+        if not isinstance(text, str) or not text.strip():
+            raise InputError(f"document {doc_id!r}: empty text")
+        if doc_id in seen:
+            raise InputError(f"document {doc_id!r} appears twice in one batch")
+        seen.add(doc_id)
+
+
+def _batches(records: Iterable[Any], size: int) -> Iterator[list[tuple[str, str]]]:
+    buf: list[tuple[str, str]] = []
+    for rec in records:
+        if isinstance(rec, tuple) and len(rec) == 2 and isinstance(rec[0], str):
+            buf.append(rec)
+        elif isinstance(rec, Mapping):
+            buf.append((str(rec["id"]), str(rec["text"])))
+        else:  # a batch from a corpus reader
+            if buf:
+                yield buf
+                buf = []
+            yield [(str(a), str(b)) for a, b in _pairs(rec)]
+            continue
+        if len(buf) >= size:
+            yield buf
+            buf = []
+    if buf:
+        yield buf
+
+
+def _pairs(batch: Any) -> Iterator[tuple[str, str]]:
+    for item in batch:
+        if isinstance(item, Mapping):
+            yield item["id"], item["text"]
+        elif hasattr(item, "id") and hasattr(item, "text"):
+            yield item.id, item.text
+        else:
+            yield item[0], item[1]
+
+
+def _extract_answer(text: str) -> str:
+    cut = text.rsplit(P.ANSWER_PREFIX, 1)
+    body = cut[1] if len(cut) == 2 else text
+    for stop in (P.IM_END, P.END_OF_TEXT):
+        body = body.split(stop, 1)[0]
+    return body.strip()
