@@ -1,0 +1,103 @@
+"""`msabank demo`: the whole lifecycle on the embedded default model, on a fresh seeded corpus."""
+
+from __future__ import annotations
+
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from msabank.cli._render import emit_json, err_console, out_console
+
+
+def _changed_value(answer: str, rng: random.Random) -> str:
+    """A different value of the same shape (years stay plausible years, 7-digit numbers stay 7 digits)."""
+    if answer.isdigit():
+        while True:
+            new = str(int(answer) + rng.choice((-1, 1)) * rng.randint(3, 40))
+            if len(new) == len(answer) and new != answer:
+                return new
+    raise ValueError(answer)
+
+
+def demo(docs: int = typer.Option(300, "--docs", min=20, help="Documents in the demo corpus."),
+         seed: Optional[int] = typer.Option(None, "--seed", help="Corpus seed (default: a fresh random one)."),
+         bank: Optional[Path] = typer.Option(None, "--bank", help="Keep the demo bank here (default: a temp dir)."),
+         model: Optional[str] = typer.Option(None, "--model", "-m", help="Checkpoint (default: the embedded model)."),
+         device: Optional[str] = typer.Option(None, "--device", help="torch device (default: cuda if available)."),
+         json_out: bool = typer.Option(False, "--json", help="Machine-readable results on stdout.")) -> None:
+    """Build a demo bank from a fresh seed, ask single- and two-hop questions with the evidence, then
+    update a document and show the answer change."""
+    from msabank.engine import Engine
+    from msabank.synth import World
+
+    seed = seed if seed is not None else random.SystemRandom().randrange(1 << 30)
+    rng = random.Random(seed)
+    world = World(seed=seed, num_docs=docs)
+    results: dict[str, object] = {"seed": seed, "questions": []}
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="msabank-demo-") as tmp:
+        path = bank or Path(tmp) / "bank"
+        with Engine.create(path, model, device=device) as eng:
+            err_console.print(f"[bold]demo[/] seed {seed}: ingesting {docs} synthetic documents into {path} …")
+            rep = eng.ingest(((d.id, d.text) for d in world.documents()), batch_size=64)
+            st = eng.stats()
+            err_console.print(f"  {rep.added} documents, {st.tokens} tokens, {st.live_chunks} chunks "
+                              f"in {time.perf_counter() - t0:.1f}s")
+            questions = (world.questions(2, seed=seed + 1, kinds=("single",))
+                         + world.questions(2, seed=seed + 2, kinds=("twohop",))
+                         + world.questions(1, seed=seed + 3, kinds=("needle",)))
+            for q in questions:
+                ans = eng.ask(q.question)
+                ok = ans.answer.strip() == q.answer
+                results["questions"].append({"question": q.question, "expected": q.answer, "answer": ans.answer,
+                                             "correct": ok, "hops": q.hops, "gold": [world.document(g).id for g in q.gold],
+                                             "evidence": [h.id for h in ans.evidence], "seconds": ans.timings["total"]})
+                if not json_out:
+                    _show(q.question, q.answer, ans, ok)
+            # Update: change the fact a question asks about and ask again in the same long-lived engine.
+            upd = next((q for q in world.questions(40, seed=seed + 4, kinds=("single", "needle"))
+                        if q.answer.isdigit()), None)
+            if upd is not None:
+                doc = world.document(upd.gold[0])
+                new_value = _changed_value(upd.answer, rng)
+                before = eng.ask(upd.question)
+                t_upd = time.perf_counter()
+                eng.update(doc.id, doc.text.replace(upd.answer, new_value))
+                after = eng.ask(upd.question)
+                seen_s = time.perf_counter() - t_upd
+                results["update"] = {"document": doc.id, "question": upd.question, "old": upd.answer,
+                                     "new": new_value, "answer_before": before.answer, "answer_after": after.answer,
+                                     "changed": after.answer.strip() == new_value, "update_to_answer_s": seen_s}
+                if not json_out:
+                    out_console.print(f"\n[bold]update[/] {doc.id}: {upd.answer} → {new_value}")
+                    _show(upd.question, upd.answer, before, before.answer.strip() == upd.answer, label="before")
+                    _show(upd.question, new_value, after, after.answer.strip() == new_value, label="after")
+    results["seconds"] = time.perf_counter() - t0
+    qs = results["questions"]
+    correct = sum(q["correct"] for q in qs)  # type: ignore[index, union-attr]
+    if json_out:
+        emit_json(results)
+    else:
+        out_console.print(f"\n{correct}/{len(qs)} answered correctly; demo took {results['seconds']:.1f}s")  # type: ignore[arg-type]
+
+
+def _show(question: str, expected: str, ans, ok: bool, label: str = "") -> None:  # noqa: ANN001
+    mark = "[green]✓[/]" if ok else "[red]✗[/]"
+    out_console.print(f"\n[bold]Q{(' ' + label) if label else ''}:[/] {question}")
+    out_console.print(f"  {mark} answer: [bold]{ans.answer or '(none)'}[/]   expected: {expected}")
+    for r in ans.rounds:
+        docs = ", ".join(f"{h.id}[{h.number}]" for h in r.documents[:3])
+        line = f"  round {r.index}: routed {docs}"
+        if r.requested:
+            line += f" → named {', '.join(f'[{n}]' for n in r.requested)}"
+        if r.injected:
+            line += f" → read {', '.join(r.injected)}"
+        out_console.print(line, markup=False)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("demo")(demo)
