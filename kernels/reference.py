@@ -1,0 +1,137 @@
+"""Plain-PyTorch references for msabank's kernels: the CPU production path, the test oracle and the
+benchmark baseline (STYLE.md §2, §7). Triton versions live in `kernels/triton_*.py` and must match these.
+
+Routing (MSA_SPEC.md §4.2, DESIGN.md §6): per router layer the group-summed routing query Q̃ (T, Hkv·D)
+is scored against every pooled routing key K̃ (rows, Hkv·D) by a dot product; a row's score is the max
+over the T query tokens, a document's score the max over its rows, and the top-k documents are taken by
+score, ties broken by the lower document index. Cosine routing is the same dot product on keys and
+queries normalised per head beforehand (`normalize_per_head`).
+
+Not here: batching several questions into one call (loop over questions), ANN search.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Rows scored per GEMM in the reference: bounds the temporary (T, ROW_TILE) fp32 score tile and the fp32
+# copy of a key tile on CPU (16,384 rows x 1,024 dims x 4 B = 64 MiB) at any bank size.
+ROW_TILE = 16_384
+
+
+def normalize_per_head(x: torch.Tensor, num_heads: int, eps: float = 1e-12) -> torch.Tensor:
+    """L2-normalise each head of x (..., num_heads·D) in fp32; returns x's dtype (cosine routing)."""
+    shape = x.shape
+    xf = x.float().reshape(*shape[:-1], num_heads, shape[-1] // num_heads)
+    xf = xf / xf.norm(dim=-1, keepdim=True).clamp_min(eps)
+    return xf.reshape(shape).to(x.dtype)
+
+
+def _score_tile(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """max over T of <q_t, key_r> for one tile of keys: (rows_tile,) fp32, fp32 accumulation.
+
+    The query is rounded to the keys' dtype first (as the tensor-core kernels must), then both sides
+    are exact in fp32. On CUDA with 16-bit keys, `mm(out_dtype=float32)` keeps the operands in 16 bits
+    (one read of the keys) and accumulates and writes fp32; elsewhere the tile is upcast first.
+    """
+    query = query.to(keys.dtype)
+    if keys.is_cuda and keys.dtype in (torch.bfloat16, torch.float16):
+        s = torch.mm(keys, query.t(), out_dtype=torch.float32)  # (rows_tile, T)
+    else:
+        s = keys.to(torch.float32) @ query.to(torch.float32).t()
+    return s.amax(dim=1)
+
+
+def row_scores_ref(query: torch.Tensor, keys: torch.Tensor, *, row_tile: int = ROW_TILE) -> torch.Tensor:
+    """Per-row routing score: max over the T query tokens of <q_t, key_r>. Returns (rows,) fp32.
+
+    query (T, Hkv·D), keys (rows, Hkv·D). Memory: one (T, row_tile) fp32 tile at a time.
+    T = 0 gives -inf everywhere (no routing token scores anything).
+    """
+    rows = keys.shape[0]
+    out = torch.empty(rows, dtype=torch.float32, device=keys.device)
+    if query.shape[0] == 0:
+        return out.fill_(float("-inf"))
+    if keys.is_cuda:
+        # One GEMM per 1 GiB of fp32 scores (2^28 / T rows): on a GPU the per-call overhead of small
+        # tiles would dominate; this is the "plain PyTorch per-layer GEMM" of the benchmarks.
+        row_tile = max(row_tile, (1 << 28) // query.shape[0])
+    for r0 in range(0, rows, row_tile):
+        out[r0 : r0 + row_tile] = _score_tile(query, keys[r0 : r0 + row_tile])
+    return out
+
+
+def doc_scores_ref(row_score: torch.Tensor, row_doc: torch.Tensor, num_docs: int) -> torch.Tensor:
+    """Per-document max of row scores: (num_docs,) fp32, -inf for documents without live rows.
+
+    Rows with row_doc < 0 are dead (deleted or superseded) and ignored.
+    """
+    out = torch.full((num_docs,), float("-inf"), dtype=torch.float32, device=row_score.device)
+    live = row_doc >= 0
+    if not bool(live.all()):
+        row_score, row_doc = row_score[live], row_doc[live]
+    return out.scatter_reduce_(0, row_doc.long(), row_score, reduce="amax", include_self=True)
+
+
+def topk_ordered(scores: torch.Tensor, index: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best (score, index) pairs: score descending, ties by lower index. Drops -inf entries.
+
+    `index` need not be sorted or unique per score. Two stable sorts over the candidates (index
+    ascending, then score descending) give the total order; candidates are few (k per block or shard).
+    """
+    order = torch.argsort(index, stable=True)
+    scores, index = scores[order], index[order]
+    order = torch.argsort(scores, descending=True, stable=True)[:k]
+    scores, index = scores[order], index[order]
+    keep = scores > float("-inf")
+    return scores[keep], index[keep]
+
+
+def pad_topk(scores: torch.Tensor, index: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad a (k',) result to exactly k entries with (-inf, -1): a fixed size for collectives."""
+    n = scores.shape[0]
+    if n >= k:
+        return scores[:k], index[:k]
+    s = torch.full((k,), float("-inf"), dtype=scores.dtype, device=scores.device)
+    i = torch.full((k,), -1, dtype=torch.int64, device=index.device)
+    s[:n], i[:n] = scores, index
+    return s, i
+
+
+def routing_topk_ref(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    row_doc: torch.Tensor,
+    num_docs: int,
+    k: int,
+    *,
+    pad: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k documents for one router layer (MSA_SPEC.md §4.2, plain PyTorch).
+
+    query: (T, Hkv·D) group-summed, scaled routing query (any float dtype).
+    keys: (rows, Hkv·D) pooled routing keys, one row per chunk.
+    row_doc: (rows,) int document index in 0..num_docs-1 of each row; < 0 marks a dead row.
+    Returns scores (k',) fp32 descending and doc_index (k',) int64, ties by lower index, where
+    k' = min(k, documents with at least one live row). With pad=True, exactly k entries, padded with
+    (-inf, -1) (no host-side size decision; what collectives and the benchmark need).
+
+    Cost: 2·T·Hkv·D·rows FLOPs; reads the keys once (rows·Hkv·D·itemsize bytes).
+    """
+    if keys.shape[0] != row_doc.shape[0]:
+        raise ValueError(f"keys has {keys.shape[0]} rows but row_doc has {row_doc.shape[0]}")
+    if query.shape[-1] != keys.shape[-1]:
+        raise ValueError(f"query dim {query.shape[-1]} != key dim {keys.shape[-1]}")
+    device = keys.device
+    if k <= 0 or num_docs == 0 or keys.shape[0] == 0 or query.shape[0] == 0:
+        s = torch.empty(0, dtype=torch.float32, device=device)
+        i = torch.empty(0, dtype=torch.int64, device=device)
+    else:
+        doc = doc_scores_ref(row_scores_ref(query.to(device), keys), row_doc, num_docs)
+        kk = min(k, num_docs)
+        # topk's order among equal values is unspecified: take every document tied with the k-th
+        # value, then order them exactly.
+        kth = torch.topk(doc, kk).values[-1]
+        cand = torch.nonzero(doc >= kth).squeeze(1)
+        s, i = topk_ordered(doc[cand], cand, k)
+    return pad_topk(s, i, k) if pad else (s, i)

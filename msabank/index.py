@@ -1,0 +1,418 @@
+"""The serving-side memory: routing keys resident on the device, content K/V in host memory.
+
+`RoutingIndex` holds one (rows, Hkv·D) key matrix per router layer on the device, all layers sharing
+one row → document-number map, and answers `search(layer, query, k)` through `msabank.kernels`.
+`ContentStore` holds each document's content K/V (C, R, 2, Hkv, D) in one host arena (pinned when CUDA
+is available) and copies the documents a question selects to the device on a side stream.
+
+Both grow by appends with capacity doubling, mask rows on delete or update (a document number whose
+rows are superseded keeps its number, DESIGN.md §1) and compact themselves once half their rows are
+dead, so refreshing after a bank change costs time proportional to the change. Neither knows about
+disk: the engine fills them from `msabank.storage` (`routing_keys`, `content_kv`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from msabank.errors import DocumentNotFoundError, InputError
+from msabank.kernels import routing_topk
+from msabank.types import Routed
+
+log = logging.getLogger(__name__)
+
+_MIN_CAPACITY = 1024  # rows; below this, doubling from 1 costs more in reallocations than it saves
+
+
+def _grow(capacity: int, need: int) -> int:
+    while capacity < need:
+        capacity = max(_MIN_CAPACITY, capacity * 2)
+    return capacity
+
+
+class _Segments:
+    """number → list of (start, count) row ranges (usually one); host-side bookkeeping for both stores."""
+
+    def __init__(self) -> None:
+        self.ranges: dict[int, list[tuple[int, int]]] = {}
+
+    def rows_of(self, number: int) -> int:
+        return sum(c for _, c in self.ranges.get(number, ()))
+
+    def remap(self, live_before: np.ndarray) -> None:
+        """After compaction: a row's new position is the number of live rows before it."""
+        self.ranges = {n: [(int(live_before[s]), c) for s, c in rs] for n, rs in self.ranges.items()}
+
+
+class RoutingIndex:
+    """Per-layer routing keys on one device with a shared row → document-number map.
+
+    Keys of layer l: (capacity, dim) in `dtype`; row_doc (capacity,) int32 document number of each
+    row, -1 for a dead (deleted or superseded) row. The kernels take the number itself as the dense
+    document index, so num_docs = max number + 1 and ties go to the lower number for free. Memory per
+    row: num_router_layers · dim · itemsize + 4 B (18 · 1024 · 2 + 4 = 36,868 B at the MSA-4B geometry).
+    """
+
+    def __init__(
+        self,
+        num_router_layers: int,
+        dim: int,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.bfloat16,
+        impl: str | None = None,
+    ) -> None:
+        if num_router_layers <= 0 or dim <= 0:
+            raise InputError(f"a routing index needs layers > 0 and dim > 0, got {num_router_layers}, {dim}")
+        self.num_router_layers = num_router_layers
+        self.dim = dim
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.impl = impl
+        self._capacity = 0
+        self._size = 0  # rows in use, live or dead
+        self._dead = 0
+        self._num_docs = 0  # max number ever added + 1
+        self._keys = [torch.empty(0, dim, dtype=dtype, device=self.device) for _ in range(num_router_layers)]
+        self._row_doc = torch.empty(0, dtype=torch.int32, device=self.device)
+        self._segs = _Segments()
+
+    # -- introspection -------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        """Documents with at least one live row."""
+        return len(self._segs.ranges)
+
+    def __contains__(self, number: object) -> bool:
+        return number in self._segs.ranges
+
+    @property
+    def num_rows(self) -> int:
+        """Live rows (chunks) per layer."""
+        return self._size - self._dead
+
+    @property
+    def num_docs(self) -> int:
+        """Size of the dense document-index space handed to the kernels (max number + 1)."""
+        return self._num_docs
+
+    def numbers(self) -> list[int]:
+        return sorted(self._segs.ranges)
+
+    def memory_bytes(self) -> int:
+        item = torch.empty(0, dtype=self.dtype).element_size()
+        return self._capacity * (self.num_router_layers * self.dim * item + 4)
+
+    def layer(self, layer_index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(keys (rows, dim), row_doc (rows,) int32 with -1 for dead rows, num_docs) for the kernels."""
+        return self._keys[layer_index][: self._size], self._row_doc[: self._size], self._num_docs
+
+    # -- updates -------------------------------------------------------------------------------------
+    def add(self, numbers: Sequence[int], chunk_counts: Sequence[int], keys_per_layer: Sequence[torch.Tensor]) -> None:
+        """Append documents; a number already present is superseded (its old rows die).
+
+        numbers and chunk_counts are parallel; keys_per_layer holds one (sum(chunk_counts), dim) tensor
+        per router layer, the documents' rows in the order of `numbers`.
+        """
+        numbers = [int(n) for n in numbers]
+        counts = [int(c) for c in chunk_counts]
+        if len(numbers) != len(counts):
+            raise InputError(f"{len(numbers)} numbers but {len(counts)} chunk counts")
+        if len(set(numbers)) != len(numbers):
+            raise InputError("a document number appears twice in one add()")
+        if any(n < 0 or n >= 2**31 - 1 for n in numbers) or any(c < 0 for c in counts):
+            raise InputError("document numbers must be in 0..2^31-2 and chunk counts >= 0")
+        self._append(numbers, counts, keys_per_layer)
+
+    def add_rows(self, row_numbers: torch.Tensor, keys_per_layer: Sequence[torch.Tensor]) -> None:
+        """Bulk load in the storage read path's shape: (rows,) number per row plus per-layer keys.
+
+        A document's rows need not be contiguous; each number present before the call is superseded.
+        """
+        rn = row_numbers.detach().cpu().to(torch.int64)
+        if rn.numel() and int(rn.min()) < 0:
+            raise InputError("row numbers must be >= 0")
+        if rn.numel() == 0:
+            return self._append([], [], keys_per_layer)
+        change = torch.ones(rn.numel(), dtype=torch.bool)
+        change[1:] = rn[1:] != rn[:-1]
+        starts = torch.nonzero(change).squeeze(1)
+        run_numbers = rn[starts].tolist()
+        run_counts = torch.diff(starts, append=torch.tensor([rn.numel()])).tolist()
+        self._append(run_numbers, run_counts, keys_per_layer)
+
+    def _append(self, numbers: list[int], counts: list[int], keys_per_layer: Sequence[torch.Tensor]) -> None:
+        total = sum(counts)
+        if len(keys_per_layer) != self.num_router_layers:
+            raise InputError(f"expected keys for {self.num_router_layers} router layers, got {len(keys_per_layer)}")
+        for kl in keys_per_layer:
+            if tuple(kl.shape) != (total, self.dim):
+                raise InputError(f"routing keys of shape {tuple(kl.shape)}, expected ({total}, {self.dim})")
+        self._kill(set(numbers) & self._segs.ranges.keys())
+        self._reserve(self._size + total)
+        s0 = self._size
+        for dst, src in zip(self._keys, keys_per_layer):
+            dst[s0 : s0 + total].copy_(src)
+        if total:
+            rd = torch.repeat_interleave(torch.tensor(numbers, dtype=torch.int32), torch.tensor(counts))
+            self._row_doc[s0 : s0 + total].copy_(rd)
+        pos = s0
+        for n, c in zip(numbers, counts):
+            if c:
+                self._segs.ranges.setdefault(n, []).append((pos, c))
+            pos += c
+        self._size += total
+        if numbers:
+            self._num_docs = max(self._num_docs, max(numbers) + 1)
+        self._maybe_compact()
+
+    def remove(self, numbers: Sequence[int]) -> None:
+        """Mask the rows of these documents (unknown numbers are ignored); compacts when half is dead."""
+        self._kill({int(n) for n in numbers} & self._segs.ranges.keys())
+        self._maybe_compact()
+
+    def _kill(self, numbers: set[int]) -> None:
+        ranges = [r for n in numbers for r in self._segs.ranges.pop(n)]
+        if not ranges:
+            return
+        rows = np.concatenate([np.arange(s, s + c) for s, c in ranges])
+        self._row_doc.index_fill_(0, torch.from_numpy(rows).to(self.device), -1)  # one launch, not one per doc
+        self._dead += int(rows.size)
+
+    def _reserve(self, need: int) -> None:
+        if need <= self._capacity:
+            return
+        cap = _grow(self._capacity, need)
+        for i, old in enumerate(self._keys):
+            new = torch.empty(cap, self.dim, dtype=self.dtype, device=self.device)
+            new[: self._size].copy_(old[: self._size])
+            self._keys[i] = new  # one layer at a time: peak memory is one extra layer, not a second index
+        rd = torch.full((cap,), -1, dtype=torch.int32, device=self.device)
+        rd[: self._size].copy_(self._row_doc[: self._size])
+        self._row_doc = rd
+        self._capacity = cap
+
+    def _maybe_compact(self) -> None:
+        # Compact once dead rows are at least half: the copy (live rows) is paid for by the deletes that
+        # made the dead rows, so updates stay amortised O(change).
+        if self._dead and 2 * self._dead >= self._size:
+            self.compact()
+
+    def compact(self) -> None:
+        """Drop dead rows in place, keeping the order of the live ones."""
+        n = self._size
+        keep = self._row_doc[:n] >= 0
+        live = int(keep.sum())
+        for kl in self._keys:
+            kl[:live] = kl[:n][keep]
+        self._row_doc[:live] = self._row_doc[:n][keep].clone()
+        self._row_doc[live:n] = -1
+        keep_np = keep.cpu().numpy()
+        self._segs.remap(np.cumsum(keep_np) - keep_np)
+        self._size, self._dead = live, 0
+
+    # -- search --------------------------------------------------------------------------------------
+    def search(self, layer_index: int, query: torch.Tensor, k: int) -> Routed:
+        """Top-k documents of one router layer. query: (T, dim) group-summed, scaled routing query.
+
+        Returns `Routed` on the CPU (numbers int64 best-first, ties to the lower number; scores fp32).
+        """
+        keys, row_doc, num_docs = self.layer(layer_index)
+        scores, idx = routing_topk(query.to(self.device), keys, row_doc, num_docs, k, impl=self.impl)
+        return Routed(numbers=idx.cpu(), scores=scores.cpu())
+
+
+class ContentStore:
+    """Content K/V per document in one host arena, fetched to the device per question.
+
+    The arena is (capacity, R, 2, Hkv, D) in `dtype`: each document's chunks are contiguous rows with
+    all router layers, K and V together (DESIGN.md §4), so fetching a document is one copy of
+    C · R · 2 · Hkv · D · itemsize bytes (C · 73,728 B at the MSA-4B geometry). On CUDA the arena is
+    pinned and copies run on a side stream; whole documents are cached on the device (LRU, bounded by
+    `cache_bytes`), so a document chosen by several layers crosses the bus once.
+    """
+
+    def __init__(
+        self,
+        num_router_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.bfloat16,
+        pin: bool | None = None,
+        cache_bytes: int = 1 << 30,
+    ) -> None:
+        self.row_shape = (num_router_layers, 2, num_kv_heads, head_dim)
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.pin = torch.cuda.is_available() if pin is None else pin
+        self.cache_bytes = cache_bytes
+        self._row_bytes = int(np.prod(self.row_shape)) * torch.empty(0, dtype=dtype).element_size()
+        self._arena = self._alloc(0)
+        self._size = 0
+        self._dead = 0
+        self._segs = _Segments()
+        self._cuda = self.device.type == "cuda"
+        self._stream = torch.cuda.Stream(self.device) if self._cuda else None
+        # number → (device tensor (C, R, 2, Hkv, D), event recorded after its copy)
+        self._cache: OrderedDict[int, tuple[torch.Tensor, torch.cuda.Event]] = OrderedDict()
+        self._cached_bytes = 0
+        self.bytes_copied = 0  # host → device bytes since creation (benchmarks, tests)
+
+    def __len__(self) -> int:
+        return len(self._segs.ranges)
+
+    def __contains__(self, number: object) -> bool:
+        return number in self._segs.ranges
+
+    def memory_bytes(self) -> int:
+        return self._arena.shape[0] * self._row_bytes
+
+    def _alloc(self, rows: int) -> torch.Tensor:
+        # The pinned allocator rounds every block up to a power of two: ask for exactly that many bytes
+        # and use all of them, rather than wasting up to half of a 100+ GB arena.
+        nbytes = 1 << max(0, (rows * self._row_bytes - 1).bit_length()) if rows else 0
+        raw = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin and nbytes > 0)
+        usable = nbytes // self._row_bytes
+        return raw[: usable * self._row_bytes].view(self.dtype).view(usable, *self.row_shape)
+
+    # -- updates -------------------------------------------------------------------------------------
+    def add(self, numbers: Sequence[int], contents: Sequence[torch.Tensor]) -> None:
+        """Append documents' content K/V, each (C, R, 2, Hkv, D); a number already present is replaced."""
+        numbers = [int(n) for n in numbers]
+        if len(numbers) != len(contents) or len(set(numbers)) != len(numbers):
+            raise InputError("numbers and contents must be parallel, with no number twice")
+        for t in contents:
+            if tuple(t.shape[1:]) != self.row_shape:
+                raise InputError(f"content K/V of shape {tuple(t.shape)}, expected (C, {', '.join(map(str, self.row_shape))})")
+        self._kill(set(numbers) & self._segs.ranges.keys())
+        total = sum(int(t.shape[0]) for t in contents)
+        if self._size + total > self._arena.shape[0]:
+            self._sync_copies()  # in-flight copies read the old arena
+            new = self._alloc(_grow(self._arena.shape[0], self._size + total))
+            new[: self._size].copy_(self._arena[: self._size])
+            self._arena = new
+        pos = self._size
+        for n, t in zip(numbers, contents):
+            c = int(t.shape[0])
+            self._arena[pos : pos + c].copy_(t)
+            if c:
+                self._segs.ranges[n] = [(pos, c)]
+            pos += c
+        self._size = pos
+        if 2 * self._dead >= max(1, self._size):
+            self.compact()
+
+    def remove(self, numbers: Sequence[int]) -> None:
+        self._kill({int(n) for n in numbers} & self._segs.ranges.keys())
+        if self._dead and 2 * self._dead >= self._size:
+            self.compact()
+
+    def _kill(self, numbers: set[int]) -> None:
+        for n in numbers:
+            self._dead += self._segs.rows_of(n)
+            del self._segs.ranges[n]
+            self._evict(n)
+
+    def compact(self) -> None:
+        self._sync_copies()
+        keep = np.zeros(self._size, dtype=bool)
+        for rs in self._segs.ranges.values():
+            for s, c in rs:
+                keep[s : s + c] = True
+        idx = torch.from_numpy(np.nonzero(keep)[0])
+        live = int(idx.numel())
+        self._arena[:live] = self._arena[: self._size][idx]
+        self._segs.remap(np.cumsum(keep) - keep)
+        self._size, self._dead = live, 0
+
+    def _sync_copies(self) -> None:
+        if self._stream is not None:
+            self._stream.synchronize()
+
+    # -- device cache --------------------------------------------------------------------------------
+    def _evict(self, number: int) -> None:
+        hit = self._cache.pop(number, None)
+        if hit is not None:
+            self._cached_bytes -= hit[0].numel() * hit[0].element_size()
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
+        self._cached_bytes = 0
+
+    def _check(self, numbers: Sequence[int]) -> list[int]:
+        wanted = sorted({int(n) for n in numbers})
+        for n in wanted:
+            if n not in self._segs.ranges:
+                raise DocumentNotFoundError(f"#{n}", hint="the routing index and the content store disagree")
+        return wanted
+
+    def prefetch(self, numbers: Sequence[int]) -> None:
+        """Start copying these documents (all layers) to the device; returns at once.
+
+        No-op on CPU. A later `fetch` of these documents waits on the copy on the device only (the
+        current stream waits on an event), never on the host.
+        """
+        if not self._cuda:
+            return
+        missing = [n for n in self._check(numbers) if n not in self._cache]
+        for n in self._check(numbers):
+            if n in self._cache:
+                self._cache.move_to_end(n)
+        if not missing:
+            return
+        assert self._stream is not None
+        srcs = [self._arena[s : s + c] for n in missing for s, c in self._segs.ranges[n]]
+        rows = [self._segs.rows_of(n) for n in missing]
+        with torch.cuda.stream(self._stream):
+            # One device block for the batch; one DMA per document (its rows are contiguous on host).
+            buf = torch.empty((sum(rows), *self.row_shape), dtype=self.dtype, device=self.device)
+            dsts = list(torch.split(buf, [int(s.shape[0]) for s in srcs]))
+            if hasattr(torch, "_foreach_copy_"):
+                torch._foreach_copy_(dsts, srcs, non_blocking=True)  # the per-copy loop runs in C++
+            else:
+                for d, s in zip(dsts, srcs):
+                    d.copy_(s, non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record(self._stream)
+        self.bytes_copied += buf.numel() * buf.element_size()
+        for n, part in zip(missing, torch.split(buf, rows)):
+            self._cache[n] = (part, ev)
+            self._cached_bytes += part.numel() * part.element_size()
+        while self._cached_bytes > self.cache_bytes and len(self._cache) > len(missing):
+            self._evict(next(iter(self._cache)))
+
+    def fetch(self, layer_index: int, numbers: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Content K and V of one router layer for these documents: each (C_sel, Hkv, D) on the device.
+
+        Documents are deduplicated and their chunks concatenated in ascending number order (the official
+        context order). On CUDA the result is ordered after the copies on the current stream.
+        """
+        wanted = self._check(numbers)
+        hkv, d = self.row_shape[2], self.row_shape[3]
+        if not wanted:
+            e = torch.empty(0, hkv, d, dtype=self.dtype, device=self.device)
+            return e, e.clone()
+        if not self._cuda:
+            parts = [self._arena[s : s + c, layer_index] for n in wanted for s, c in self._segs.ranges[n]]
+            kv = torch.cat(parts).to(self.device)  # (C_sel, 2, Hkv, D)
+            return kv[:, 0].contiguous(), kv[:, 1].contiguous()
+        self.prefetch(wanted)
+        cur = torch.cuda.current_stream(self.device)
+        docs, events = [], {}
+        for n in wanted:
+            t, ev = self._cache[n]
+            t.record_stream(cur)  # the cache may drop t while cur still reads it
+            docs.append(t)
+            events[id(ev)] = ev
+        for ev in events.values():
+            cur.wait_event(ev)
+        # Two gather kernels over the cached documents: K and V of this layer, each contiguous.
+        k = torch.cat([t[:, layer_index, 0] for t in docs])
+        v = torch.cat([t[:, layer_index, 1] for t in docs])
+        return k, v

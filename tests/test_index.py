@@ -1,0 +1,142 @@
+"""RoutingIndex and ContentStore on CPU: search equals the reference over the live documents after any
+sequence of adds, updates and removes (compaction included); content comes back in ascending number
+order, deduplicated."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from msabank.errors import DocumentNotFoundError, InputError
+from msabank.index import ContentStore, RoutingIndex
+from msabank.kernels import routing_topk_ref
+
+R, DIM = 3, 24
+
+
+def _doc_keys(g: torch.Generator, c: int) -> list[torch.Tensor]:
+    # small integers: exact in bf16 and fp32, so ties are exact and the tie rule is tested
+    return [torch.randint(-2, 3, (c, DIM), generator=g).float() for _ in range(R)]
+
+
+def _oracle(docs: dict[int, list[torch.Tensor]], layer: int, query: torch.Tensor, k: int):
+    nums = sorted(n for n in docs if docs[n][0].shape[0])
+    if not nums:
+        return [], []
+    keys = torch.cat([docs[n][layer] for n in nums])
+    row_doc = torch.cat([torch.full((docs[n][layer].shape[0],), n) for n in nums])
+    s, i = routing_topk_ref(query, keys, row_doc, max(nums) + 1, k)
+    return i.tolist(), s.tolist()
+
+
+def _add(index: RoutingIndex, docs: dict, numbers: list[int], g: torch.Generator) -> None:
+    counts = [int(torch.randint(0, 5, (1,), generator=g)) for _ in numbers]
+    per_doc = [_doc_keys(g, c) for c in counts]
+    index.add(numbers, counts, [torch.cat([p[l] for p in per_doc]) if per_doc else torch.empty(0, DIM) for l in range(R)])
+    for n, p in zip(numbers, per_doc):
+        docs[n] = p
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_search_matches_reference_through_updates(dtype):
+    g = torch.Generator().manual_seed(0)
+    rnd = random.Random(0)
+    index = RoutingIndex(R, DIM, dtype=dtype)
+    docs: dict[int, list[torch.Tensor]] = {}
+    next_number = 0
+    for step in range(40):
+        op = rnd.random()
+        if op < 0.5 or not docs:  # add new documents
+            new = list(range(next_number, next_number + rnd.randint(1, 6)))
+            next_number += len(new)
+            _add(index, docs, new, g)
+        elif op < 0.75:  # update: same numbers, new rows
+            _add(index, docs, rnd.sample(sorted(docs), min(len(docs), rnd.randint(1, 3))), g)
+        else:  # remove
+            gone = rnd.sample(sorted(docs), min(len(docs), rnd.randint(1, 4)))
+            index.remove(gone + [10_000])  # unknown numbers are ignored
+            for n in gone:
+                del docs[n]
+        live = {n: d for n, d in docs.items() if d[0].shape[0]}
+        assert len(index) == len(live) and index.numbers() == sorted(live)
+        assert index.num_rows == sum(d[0].shape[0] for d in live.values())
+        layer = step % R
+        query = torch.randint(-2, 3, (rnd.randint(1, 5), DIM), generator=g).float()
+        k = rnd.randint(1, 8)
+        routed = index.search(layer, query, k)
+        want_i, want_s = _oracle(live, layer, query, k)
+        assert routed.numbers.dtype == torch.int64 and routed.scores.dtype == torch.float32
+        assert routed.numbers.tolist() == want_i
+        assert routed.scores.tolist() == want_s
+    assert index._dead * 2 < max(1, index._size)  # compaction ran whenever half was dead
+
+
+def test_capacity_doubles_and_add_rows():
+    g = torch.Generator().manual_seed(1)
+    index = RoutingIndex(R, DIM, dtype=torch.float32)
+    caps = set()
+    for n in range(300):
+        index.add([n], [10], [torch.randn(10, DIM, generator=g) for _ in range(R)])
+        caps.add(index._capacity)
+    assert sorted(caps) == [1024, 2048, 4096]  # 3,000 rows in 3 allocations
+    # bulk load with a document split over two runs, as a storage scan may return
+    other = RoutingIndex(R, DIM, dtype=torch.float32)
+    rn = torch.tensor([5, 5, 2, 7, 7, 7, 5])
+    keys = [torch.randn(7, DIM, generator=g) for _ in range(R)]
+    other.add_rows(rn, keys)
+    assert other.numbers() == [2, 5, 7] and other.num_rows == 7
+    q = torch.randn(2, DIM, generator=g)
+    s, i = routing_topk_ref(q, keys[1], rn, 8, 3)
+    r = other.search(1, q, 3)
+    assert r.numbers.tolist() == i.tolist()
+    with pytest.raises(InputError):
+        other.add([1, 1], [1, 1], [torch.randn(2, DIM)] * R)
+    with pytest.raises(InputError):
+        other.add([1], [2], [torch.randn(3, DIM)] * R)
+    assert other.search(0, q[:0], 4).numbers.shape == (0,)
+    assert RoutingIndex(R, DIM).search(0, q, 4).numbers.shape == (0,)  # empty index
+
+
+def _content(g: torch.Generator, c: int) -> torch.Tensor:
+    return torch.randn(c, R, 2, 2, 8, generator=g)
+
+
+def test_content_store_fetch_order_dedup_and_updates():
+    g = torch.Generator().manual_seed(2)
+    store = ContentStore(R, 2, 8, dtype=torch.float32)
+    assert store.pin is False or torch.cuda.is_available()
+    truth = {}
+    for n in range(50):
+        truth[n] = _content(g, 1 + n % 4)
+    store.add(list(truth), list(truth.values()))
+    k, v = store.fetch(1, [7, 3, 7, 12])
+    want = torch.cat([truth[n][:, 1] for n in (3, 7, 12)])
+    assert k.shape == (want.shape[0], 2, 8) and torch.equal(k, want[:, 0]) and torch.equal(v, want[:, 1])
+    # update and remove; compaction after half the rows die
+    truth[3] = _content(g, 2)
+    store.add([3], [truth[3]])
+    gone = list(range(10, 45))
+    store.remove(gone)
+    for n in gone:
+        del truth[n]
+    assert store._dead == 0 and len(store) == len(truth)
+    for layer in range(R):
+        nums = sorted(truth)
+        k, v = store.fetch(layer, nums[::-1] + nums[:3])
+        want = torch.cat([truth[n][:, layer] for n in nums])
+        assert torch.equal(k, want[:, 0]) and torch.equal(v, want[:, 1])
+    with pytest.raises(DocumentNotFoundError):
+        store.fetch(0, [11])
+    k, v = store.fetch(0, [])
+    assert k.shape == (0, 2, 8)
+    store.prefetch([3])  # no-op on CPU
+    with pytest.raises(InputError):
+        store.add([99], [torch.randn(1, R, 2, 2, 9)])
+
+
+def test_content_arena_uses_power_of_two_blocks():
+    store = ContentStore(2, 1, 4, dtype=torch.bfloat16)  # 32 B per row
+    store.add([0], [torch.randn(3, 2, 2, 1, 4).bfloat16()])
+    assert store.memory_bytes() & (store.memory_bytes() - 1) == 0
