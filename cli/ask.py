@@ -24,7 +24,8 @@ def render_answer(ans, *, show_transcript: bool = False) -> None:  # noqa: ANN00
             line += f" → appended {', '.join(r.injected)}"
         out_console.print(line, markup=False)
     t = ans.timings
-    out_console.print(f"  finish: {ans.finish}; {t['total'] * 1000:.0f} ms (index refresh {t['refresh'] * 1000:.0f} ms)",
+    stages = ', '.join(f'{k} {t[k] * 1000:.0f}' for k in ('refresh', 'route', 'fetch', 'prefill', 'decode'))
+    out_console.print(f"  finish: {ans.finish}; {t['total'] * 1000:.0f} ms ({stages} ms)",
                       markup=False)
     if show_transcript:
         out_console.print(ans.transcript, markup=False)

@@ -114,7 +114,8 @@ class Answer:
     transcript: str
     """The whole transcript as the model saw it, special tokens kept."""
     timings: dict[str, float]
-    """Seconds: refresh, route_fetch_prefill, decode, total."""
+    """Seconds: refresh (index catch-up), route (scoring + top-k), fetch (content K/V to the device),
+    prefill (the prompt forward, excluding route and fetch), decode, total; summed over rounds."""
 
     @property
     def evidence(self) -> list[Hit]:
@@ -134,18 +135,36 @@ class Answer:
 
 
 class BankMemory:
-    """`MemoryView` over the routing index and the content store (one consistent bank version)."""
+    """`MemoryView` over the routing index and the content store (one consistent bank version).
+
+    Accumulates the wall time of routing and of content fetches (device-synchronised on CUDA, where the
+    work is asynchronous) so `ask` can report time by stage.
+    """
 
     def __init__(self, index: RoutingIndex, content: ContentStore, top_k: int) -> None:
         self.index = index
         self.content = content
         self.top_k = top_k
+        self.route_s = 0.0
+        self.fetch_s = 0.0
+        self._cuda = index.device.type == "cuda" or content.device.type == "cuda"
+
+    def _sync(self) -> None:
+        if self._cuda:
+            torch.cuda.synchronize()
 
     def route(self, layer_index: int, query: torch.Tensor) -> Routed:
-        return self.index.search(layer_index, query, self.top_k)
+        t = time.perf_counter()
+        out = self.index.search(layer_index, query, self.top_k)  # returns CPU tensors: already synced
+        self.route_s += time.perf_counter() - t
+        return out
 
     def content_kv(self, layer_index: int, numbers: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.content.fetch(layer_index, numbers)
+        t = time.perf_counter()
+        out = self.content.fetch(layer_index, numbers)
+        self._sync()
+        self.fetch_s += time.perf_counter() - t
+        return out
 
 
 class ReplayMemory:
@@ -430,7 +449,8 @@ class Engine:
         latest: tuple[int, int] | None = None  # token span of the documents injected in the latest round
         rounds: list[Round] = []
         stop_ids = [tok.object_ref_end_id, *self.model.stop_ids]
-        sampling = dict(temperature=temperature, top_p=top_p, seed=seed, template=self._template)
+        gen_t: dict[str, float] = {}
+        sampling = dict(temperature=temperature, top_p=top_p, seed=seed, template=self._template, timings=gen_t)
         finish, answer_text = "round_limit", ""
         for r in range(max_rounds + 1):
             t_round = time.perf_counter()
@@ -480,7 +500,10 @@ class Engine:
             finish = "eos" if gen.finish_reasons[0] == "stop" else "token_budget"
             break
         total = time.perf_counter() - t_start
-        timings = {"refresh": t_refresh, "generate": total - t_refresh, "total": total}
+        prefill = gen_t.get("prefill_s", 0.0)
+        timings = {"refresh": t_refresh, "route": mem.route_s, "fetch": mem.fetch_s,
+                   "prefill": prefill - mem.route_s - mem.fetch_s, "decode": gen_t.get("decode_s", 0.0),
+                   "total": total}
         return Answer(q, answer_text, rounds, finish, tok.decode(transcript), timings)
 
 

@@ -12,6 +12,8 @@ storage; prompt layout is msabank.prompt.
 
 from __future__ import annotations
 
+import time
+
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
@@ -434,6 +436,7 @@ def generate(
     keep_logits: bool = False,
     keep_cache: bool = False,
     trace: Trace | None = None,
+    timings: dict[str, float] | None = None,
 ) -> Generation:
     """Route, prefill and decode one prompt or a left-padded batch of prompts (spec §4, §5).
 
@@ -445,6 +448,8 @@ def generate(
     marker `<End-of-Retrieve>` is plain text spread over several tokens, spec §1.4), or after
     max_new_tokens. on_route(sample, layer_index, routed)
     is called as each router layer selects. `template`: precomputed `template_prefix(model)`.
+    `timings`, when given, receives "prefill_s" (routing, fetch and the prompt forward) and "decode_s"
+    (device-synchronised wall time).
     """
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be >= 1")
@@ -457,8 +462,10 @@ def generate(
         t0 = template[0].shape[2]
         batch = pad_batch(prompts, pad_id=tok.pad_id, first_position=t0 + model.config.top_k)
         batch = Batch(*(x.to(model.device) for x in (batch.input_ids, batch.attention_mask, batch.routing_mask, batch.positions)))
+        t_start = time.perf_counter()
         caches, routed, logits = _prefill(model, batch, memory, template, max_new_tokens, on_route, trace)
-        first = logits.cpu()
+        first = logits.cpu()  # synchronises the device
+        t_prefill = time.perf_counter()
         steps = [first] if keep_logits else []
         last_pos = batch.positions[:, -1]
         b = len(prompts)
@@ -479,6 +486,9 @@ def generate(
                         stop_text is not None and stop_text in tok.decode(tokens[s][-tail_tokens:]))
             if all(done):
                 break
+    if timings is not None:
+        timings["prefill_s"] = timings.get("prefill_s", 0.0) + t_prefill - t_start
+        timings["decode_s"] = timings.get("decode_s", 0.0) + time.perf_counter() - t_prefill  # nxt.tolist() synced
     return Generation(
         tokens=tokens,
         finish_reasons=["stop" if d else "length" for d in done],
