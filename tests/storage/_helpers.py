@@ -163,3 +163,32 @@ def try_open_writer(path: str, q) -> None:  # type: ignore[no-untyped-def]
         q.put("opened")
     except BankLockedError as err:
         q.put(str(err))
+
+
+def consistent_reader(path: str, seconds: float, q) -> None:  # type: ignore[no-untyped-def]
+    """Read snapshots for `seconds`; every doc in one snapshot must be at the same round, bytes intact."""
+    import time
+
+    bank = Bank.open(path, readonly=True)
+    deadline = time.monotonic() + seconds
+    checked, rounds = 0, set()
+    try:
+        while time.monotonic() < deadline:
+            with bank.snapshot() as s:
+                docs = s.list()
+                seen = {d.text.split(" round ")[1] for d in docs}
+                assert len(seen) == 1, f"snapshot {s.version} mixes rounds {seen}"
+                for d in docs:
+                    check_doc(s, d.user_id, d.text)
+                keys, rows = s.routing_keys(0)
+                assert keys.shape[0] == sum(d.num_chunks for d in docs)
+                kv = s.content_kv([d.number for d in docs])
+                for d in docs:
+                    assert same_bits(kv[d.number][:, 0, 0], make_memory(bank.geometry, d.text).content_k[0])
+                rounds |= seen
+                checked += 1
+        q.put(("ok", checked, len(rounds)))
+    except BaseException as err:  # report any failure to the parent
+        q.put(("error", repr(err), 0))
+    finally:
+        bank.close()
