@@ -20,7 +20,7 @@ from msabank.errors import ConfigError, KernelUnavailableError
 
 from .reference import normalize_per_head, routing_topk_ref
 
-__all__ = ["routing_topk", "routing_topk_ref", "normalize_per_head", "resolve_impl", "triton_available"]
+__all__ = ["routing_topk", "routing_topk_ref", "gather_rows", "normalize_per_head", "resolve_impl", "triton_available"]
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +28,8 @@ _IMPLS = ("auto", "triton", "torch")
 _TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _triton_module: ModuleType | None = None
 _triton_error: str | None = None
+_gather_module: ModuleType | None = None
+_gather_zero_copy_ok: bool | None = None  # None: not tried yet
 _logged: set[str] = set()
 
 
@@ -104,3 +106,35 @@ def routing_topk(
         assert mod is not None
         return mod.routing_topk_triton(query, keys, row_doc, num_docs, k, pad=pad)  # type: ignore[no-any-return]
     return routing_topk_ref(query, keys, row_doc, num_docs, k, pad=pad)
+
+
+def gather_rows(src: torch.Tensor, index: torch.Tensor, out: torch.Tensor, *, impl: str | None = None) -> str:
+    """out[i] = src[index[i]] (rows); src may be pinned host memory and out a device tensor.
+
+    index: (M,) int64 on out's device. On CUDA the Triton kernel reads pinned host rows directly
+    (zero-copy, one launch); where that cannot run, rows are gathered on the host into a pinned staging
+    buffer and copied with one DMA. Returns the path taken ("zero-copy", "device", "staged", "torch").
+    Runs on the current stream.
+    """
+    global _gather_module, _gather_zero_copy_ok
+    if out.is_cuda and resolve_impl(impl, out) == "triton" and _gather_zero_copy_ok is not False:
+        if _gather_module is None:
+            from . import triton_gather
+
+            _gather_module = triton_gather
+        try:
+            _gather_module.gather_rows_triton(src, index, out)
+            _gather_zero_copy_ok = True
+            return "device" if src.is_cuda else "zero-copy"
+        except (RuntimeError, ValueError) as err:  # e.g. the driver refuses a host pointer
+            if src.is_cuda:
+                raise
+            _gather_zero_copy_ok = False
+            log.info("zero-copy gather unavailable (%s): staging through pinned memory", err)
+    if src.is_cuda or not out.is_cuda:
+        torch.index_select(src, 0, index.to(src.device), out=out) if src.device == out.device else out.copy_(src[index.cpu()])
+        return "torch"
+    staged = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+    torch.index_select(src, 0, index.cpu(), out=staged)
+    out.copy_(staged, non_blocking=True)
+    return "staged"

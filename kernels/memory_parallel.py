@@ -36,7 +36,7 @@ from msabank.errors import DistributedError
 from msabank.types import Routed
 
 from . import routing_topk
-from .reference import topk_ordered
+from .reference import topk_ordered_padded
 
 
 def shard_of(number: int, world_size: int) -> int:
@@ -120,11 +120,7 @@ class ShardedRoutingIndex:
         parts = [torch.empty_like(mine) for _ in range(self.world_size)]
         self._wait(dist.all_gather(parts, mine, group=self.group, async_op=True), "candidate all_gather", timed=True)
         cand = torch.cat(parts)  # (world·k, 2), rank order
-        s, i = topk_ordered(cand[:, 0].float(), cand[:, 1].long(), k)
-        out_s = torch.full((k,), float("-inf"), dtype=torch.float32, device=cand.device)
-        out_i = torch.full((k,), -1, dtype=torch.int64, device=cand.device)
-        out_s[: s.shape[0]], out_i[: i.shape[0]] = s, i
-        return out_s, out_i
+        return topk_ordered_padded(cand[:, 0].float(), cand[:, 1].long(), k)
 
     def search(self, layer_index: int, query: torch.Tensor | None, k: int) -> Routed:
         """Collective top-k over all shards; the same `Routed` (on the CPU) on every rank."""

@@ -87,6 +87,16 @@ def topk_ordered(scores: torch.Tensor, index: torch.Tensor, k: int) -> tuple[tor
     return scores[keep], index[keep]
 
 
+def topk_ordered_padded(scores: torch.Tensor, index: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`topk_ordered` as exactly k entries, (-inf, -1) for missing ones; no host sync (no masking)."""
+    order = torch.argsort(index, stable=True)
+    scores, index = scores[order], index[order]
+    order = torch.argsort(scores, descending=True, stable=True)[:k]
+    scores, index = scores[order], index[order]
+    index = torch.where(scores > float("-inf"), index, torch.full_like(index, -1))
+    return pad_topk(scores, index, k)
+
+
 def pad_topk(scores: torch.Tensor, index: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Pad a (k',) result to exactly k entries with (-inf, -1): a fixed size for collectives."""
     n = scores.shape[0]

@@ -1,24 +1,25 @@
 """Fused routing top-k in Triton: one router layer's MaxSim scan over the bank (DESIGN.md §6).
 
-Three launches per router layer, none of which materialises the T×rows score matrix:
+No launch materialises the T×rows score matrix:
 
-1. `_routing_scan_kernel`, grid (row blocks × T blocks). A program owns BLOCK_R key rows and BLOCK_T
-   query tokens; it streams the keys through shared memory in BLOCK_D slices, accumulates
-   keys·Qᵀ (BLOCK_R, BLOCK_T) on the tensor cores in fp32, takes the max over its tokens and folds
-   each row's max into its document's slot with an fp32 atomic max. Max is associative, so row blocks
-   and token blocks land in any order and the result is exact. HBM traffic: every key once
-   (rows·Hkv·D·2 B in bf16) + row_doc (4 B/row) + the query from L2; T-blocks of one row block run on
-   neighbouring program ids so a key tile re-read for the second token block hits L2.
-2. `_block_topk_kernel`: each program takes BLOCK_N document scores and emits its k best
-   (score descending, lower index first) by k rounds of argmax; 4 B/document read.
-3. Two stable sorts over the (num_docs / BLOCK_N)·k candidates in torch (`topk_ordered`).
+1. `_routing_scan_kernel` (or `_routing_scan_tma_kernel`, same maths with TMA tile loads), grid
+   (row blocks × T blocks). A program owns BLOCK_R key rows and BLOCK_T query tokens; it streams the
+   keys through shared memory in BLOCK_D slices, accumulates keys·Qᵀ (BLOCK_R, BLOCK_T) on the tensor
+   cores in fp32, takes the max over its tokens and folds each row's max into its document's slot with
+   an fp32 atomic max. Max is associative, so row and token blocks land in any order and the result is
+   exact. HBM traffic: every key once (rows·Hkv·D·2 B in bf16) + row_doc (4 B/row) + the query from L2;
+   T-blocks of one row block run on neighbouring program ids so a key tile re-read for the second
+   token block hits L2.
+2. `_topk_pass_kernel`, repeated on its own output until one block is left (3 launches at 100M
+   tokens): each program emits its block's k best by k rounds of leftmost-argmax, which keeps the
+   exact order (score descending, lower index first). 4 B/document; no sort, no host sync.
 
 Floors at 100M tokens × 18 layers on one H100 (57.6 GB of bf16 keys, 3.0 TB/s copy bandwidth, ~790
 TFLOP/s bf16): reading the keys once is 19.2 ms; the GEMM is 2·T·1024·28.1M rows = 3.7 TFLOP (T=64,
 4.7 ms: read-bound) or 29.5 TFLOP (T=512, 37 ms: tensor-core-bound).
 
 Only this module imports triton (STYLE.md §2). Under TRITON_INTERPRET=1 the loads are upcast to fp32
-(bf16 arithmetic is broken in the interpreter) and a fixed config replaces autotuning.
+(bf16 arithmetic is broken in the interpreter) and small blocks keep it fast.
 """
 
 from __future__ import annotations
@@ -29,26 +30,23 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import pad_topk, topk_ordered
+from .reference import pad_topk
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# MSABANK_TRITON_AUTOTUNE=0 uses one fixed config per token bucket (tests: no tuning compile storm).
-AUTOTUNE = os.environ.get("MSABANK_TRITON_AUTOTUNE", "1") == "1" and not INTERPRET
 
-# Document scores per program of the candidate pass: 4,096 fp32 = 16 KiB in registers across 4 warps.
-BLOCK_N = 4096
 
 
 @triton.jit
 def _routing_scan_kernel(
     keys,  # (rows, DIM), row stride stride_k
-    q_t,  # (DIM, T) contiguous: the query transposed, so a (BLOCK_D, BLOCK_T) tile is row-major
+    q_t,  # (DIM, T_PAD) the query transposed and zero-padded to 256 columns: unmasked aligned loads
     row_doc,  # (rows,) int32/int64 document index; < 0 = dead row
     doc_scores,  # (num_docs,) fp32, pre-filled with -inf; receives the per-document max
     rows,
     T,
     stride_k,
     T_BUCKET,  # T rounded up to 64: only the autotuning key (one tuning per bucket, not per T)
+    T_PAD,  # row stride of q_t, a multiple of 256 >= every BLOCK_T
     DIM: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -68,17 +66,17 @@ def _routing_scan_kernel(
     mask_r = offs_r < rows
     mask_t = offs_t < T
     k_ptr = keys + offs_r.to(tl.int64)[:, None] * stride_k + offs_d[None, :]
-    q_ptr = q_t + offs_d[:, None] * T + offs_t[None, :]
+    q_ptr = q_t + offs_d[:, None] * T_PAD + offs_t[None, :]
 
     acc = tl.zeros((BLOCK_R, BLOCK_T), dtype=tl.float32)
     for d0 in range(0, DIM, BLOCK_D):
         if DIM % BLOCK_D == 0:
             kt = tl.load(k_ptr, mask=mask_r[:, None], other=0.0)
-            qt = tl.load(q_ptr, mask=mask_t[None, :], other=0.0)
+            qt = tl.load(q_ptr)
         else:
             mask_d = (d0 + offs_d) < DIM
             kt = tl.load(k_ptr, mask=mask_r[:, None] & mask_d[None, :], other=0.0)
-            qt = tl.load(q_ptr, mask=mask_d[:, None] & mask_t[None, :], other=0.0)
+            qt = tl.load(q_ptr, mask=mask_d[:, None], other=0.0)
         if UPCAST:
             kt = kt.to(tl.float32)
             qt = qt.to(tl.float32)
@@ -87,7 +85,7 @@ def _routing_scan_kernel(
         else:
             acc = tl.dot(kt, qt, acc)
         k_ptr += BLOCK_D
-        q_ptr += BLOCK_D * T
+        q_ptr += BLOCK_D * T_PAD
 
     acc = tl.where(mask_t[None, :], acc, float("-inf"))
     row_max = tl.max(acc, axis=1)  # (BLOCK_R,) max over this program's query tokens
@@ -96,60 +94,135 @@ def _routing_scan_kernel(
 
 
 @triton.jit
-def _block_topk_kernel(
-    doc_scores,  # (num_docs,) fp32
+def _routing_scan_tma_kernel(
+    k_desc,  # TMA descriptor of keys (rows, DIM), block [BLOCK_R, BLOCK_D]; out-of-range reads are 0
+    q_desc,  # TMA descriptor of q_t (DIM, T_PAD), block [BLOCK_D, BLOCK_T]
+    row_doc,
+    doc_scores,
+    rows,
+    T,
+    T_BUCKET,
+    DIM: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    # Same computation as _routing_scan_kernel with tiles moved by the Hopper bulk-copy engine.
+    pid = tl.program_id(0)
+    t_blocks = tl.cdiv(T, BLOCK_T)
+    i_r = pid // t_blocks
+    i_t = pid % t_blocks
+    acc = tl.zeros((BLOCK_R, BLOCK_T), dtype=tl.float32)
+    for d0 in range(0, DIM, BLOCK_D):
+        kt = k_desc.load([i_r * BLOCK_R, d0])
+        qt = q_desc.load([d0, i_t * BLOCK_T])
+        if UPCAST:
+            kt = kt.to(tl.float32)
+            qt = qt.to(tl.float32)
+        if IEEE:
+            acc = tl.dot(kt, qt, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(kt, qt, acc)
+    offs_r = i_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_t = i_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    mask_r = offs_r < rows
+    acc = tl.where((offs_t < T)[None, :], acc, float("-inf"))
+    row_max = tl.max(acc, axis=1)
+    doc = tl.load(row_doc + offs_r, mask=mask_r, other=-1)
+    tl.atomic_max(doc_scores + doc, row_max, mask=mask_r & (doc >= 0), sem="relaxed")
+
+
+@triton.jit
+def _topk_pass_kernel(
+    scores,  # (n,) fp32
+    index,  # (n,) int64 original document index (HAS_INDEX) or implied by position
     out_scores,  # (blocks, K) fp32
-    out_index,  # (blocks, K) int32
-    num_docs,
+    out_index,  # (blocks, K) int64; -1 where the score is -inf
+    n,
+    HAS_INDEX: tl.constexpr,
     K: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
+    # K rounds of "leftmost max, then knock it out": the block's K best, best first, and among equal
+    # scores the lower position first. Positions are ordered like document indices among equal scores
+    # (blocks are in index order and each block emits ties lowest first), so repeating this pass on
+    # the candidates until one block remains gives the exact global order.
     i_n = tl.program_id(0)
-    offs = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    x = tl.load(doc_scores + offs, mask=offs < num_docs, other=float("-inf"))
-    for j in tl.static_range(K):
-        m = tl.max(x, axis=0)
-        a = tl.argmax(x, axis=0, tie_break_left=True)  # lowest index among equal scores
+    offs = tl.arange(0, BLOCK_N)
+    base = i_n * BLOCK_N
+    x = tl.load(scores + base + offs, mask=base + offs < n, other=float("-inf"))
+    for j in range(K):
+        m, a = tl.max(x, axis=0, return_indices=True, return_indices_tie_break_left=True)
+        if HAS_INDEX:
+            gi = tl.load(index + base + a, mask=base + a < n, other=-1)
+        else:
+            gi = (base + a).to(tl.int64)
         tl.store(out_scores + i_n * K + j, m)
-        tl.store(out_index + i_n * K + j, i_n * BLOCK_N + a)
-        x = tl.where(tl.arange(0, BLOCK_N) == a, float("-inf"), x)
+        tl.store(out_index + i_n * K + j, tl.where(m == float("-inf"), -1, gi))
+        x = tl.where(offs == a, float("-inf"), x)
 
 
-def _configs() -> list[triton.Config]:
-    # BLOCK_D is 64 in every config so the fp32 summation order over the 1,024 dims, hence every score
-    # bit, does not depend on which config the autotuner picks (identical results across ranks).
+def _topk_tree(doc_scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k of (num_docs,) scores, padded with (-inf, -1): log_{BLOCK/k} passes, no host sync.
+
+    At 100M tokens (~520K documents, k=16): 508 programs, then 8, then 1; 4 B/document read once.
+    """
+    block = max(1024, triton.next_power_of_2(2 * k))
+    s, idx, n = doc_scores, doc_scores, doc_scores.shape[0]  # idx unused on the first pass
+    first = True
+    while True:
+        blocks = triton.cdiv(n, block)
+        out_s = torch.empty(blocks * k, dtype=torch.float32, device=s.device)
+        out_i = torch.empty(blocks * k, dtype=torch.int64, device=s.device)
+        _topk_pass_kernel[(blocks,)](s, idx, out_s, out_i, n, HAS_INDEX=not first, K=k, BLOCK_N=block, num_warps=4)
+        if blocks == 1:
+            return out_s, out_i
+        s, idx, n, first = out_s, out_i, blocks * k, False
+
+
+# Scan configs by token bucket: (variant, BLOCK_R, BLOCK_T, BLOCK_D, num_warps, num_stages). A fixed
+# table rather than an autotuner: every rank and every run uses the same tiles, so every score bit is
+# the same on one GPU and on several. Chosen by `sweep_configs` on an H100 (docs/kernels.md).
+SCAN_CONFIGS: dict[int, tuple[str, int, int, int, int, int]] = {
+    64: ("ptr", 128, 64, 64, 4, 4),
+    128: ("ptr", 128, 128, 64, 8, 3),
+    256: ("ptr", 128, 256, 64, 8, 3),
+}
+
+
+def config_for(T: int) -> tuple[str, int, int, int, int, int]:
+    for bucket in sorted(SCAN_CONFIGS):
+        if T <= bucket:
+            return SCAN_CONFIGS[bucket]
+    return SCAN_CONFIGS[max(SCAN_CONFIGS)]
+
+
+def candidate_configs(T: int) -> list[tuple[str, int, int, int, int, int]]:
+    """What `sweep_configs` tries for a query of T tokens (token blocks no wider than T needs)."""
+    tmax = max(64, triton.next_power_of_2(T))
     out = []
-    for br, bt, w, s in [
-        (128, 64, 4, 4),
-        (128, 64, 8, 4),
-        (256, 64, 8, 3),
-        (256, 64, 8, 4),
-        (64, 64, 4, 6),
-        (128, 128, 8, 3),
-        (128, 128, 8, 4),
-        (128, 256, 8, 3),
-        (256, 128, 8, 3),
-    ]:
-        out.append(triton.Config({"BLOCK_R": br, "BLOCK_T": bt, "BLOCK_D": 64}, num_warps=w, num_stages=s))
+    for variant in ("ptr", "tma"):
+        for br, bt, bd, w, st in [
+            (128, 64, 64, 4, 4), (128, 64, 64, 8, 4), (256, 64, 64, 8, 3), (128, 64, 128, 4, 3),
+            (64, 64, 64, 4, 6), (256, 64, 128, 8, 3),
+            (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (256, 128, 64, 8, 3), (128, 128, 128, 8, 3),
+            (128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (256, 256, 64, 8, 3), (64, 256, 64, 4, 4),
+        ]:
+            if bt <= tmax:
+                out.append((variant, br, bt, bd, w, st))
     return out
 
 
-def _prune(configs, named_args, **kwargs):  # type: ignore[no-untyped-def]
-    # Keep token blocks no wider than the query (padded to 64): a 256-wide block for T = 64 computes
-    # 4x the FLOPs for nothing.
-    t = max(64, triton.next_power_of_2(int(named_args["T"])))
-    kept = [c for c in configs if c.kwargs["BLOCK_T"] <= t]
-    return kept or configs[:1]
-
-
-_scan_tuned = triton.autotune(
-    configs=_configs(),
-    key=["T_BUCKET", "DIM", "IEEE"],
-    prune_configs_by={"early_config_prune": _prune},
-)(_routing_scan_kernel) if AUTOTUNE else None
-
-
-def routing_scan(query: torch.Tensor, keys: torch.Tensor, row_doc: torch.Tensor, num_docs: int) -> torch.Tensor:
+def routing_scan(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    row_doc: torch.Tensor,
+    num_docs: int,
+    *,
+    config: tuple[str, int, int, int, int, int] | None = None,
+) -> torch.Tensor:
     """Per-document max score (num_docs,) fp32 (-inf where a document has no live row)."""
     rows, dim = keys.shape
     T = query.shape[0]
@@ -158,28 +231,27 @@ def routing_scan(query: torch.Tensor, keys: torch.Tensor, row_doc: torch.Tensor,
         return doc_scores
     if keys.stride(1) != 1:
         keys = keys.contiguous()
-    q_t = query.to(keys.dtype).t().contiguous()  # (DIM, T): T·DIM·2 B, L2-resident
+    t_pad = triton.cdiv(T, 256) * 256
+    q_t = torch.zeros(dim, t_pad, dtype=keys.dtype, device=keys.device)  # DIM·T_PAD·2 B, L2-resident
+    q_t[:, :T] = query.to(keys.dtype).t()
     ieee = keys.dtype == torch.float32
-    if not AUTOTUNE:
-        if INTERPRET:  # small blocks: the interpreter runs every program in numpy
-            br, bt, w, st = 64, max(16, min(64, triton.next_power_of_2(T))), 4, 1
-        elif T <= 64:
-            br, bt, w, st = 128, 64, 4, 4
-        else:
-            br, bt, w, st = 128, 128, 8, 3
-        grid = (triton.cdiv(rows, br) * triton.cdiv(T, bt),)
-        _routing_scan_kernel[grid](
-            keys, q_t, row_doc, doc_scores, rows, T, keys.stride(0), _t_bucket(T),
-            DIM=dim, BLOCK_R=br, BLOCK_T=bt, BLOCK_D=64, UPCAST=INTERPRET, IEEE=ieee,
-            num_warps=w, num_stages=st,
+    if INTERPRET:  # small blocks: the interpreter runs every program in numpy
+        config = config or ("ptr", 64, max(16, min(64, triton.next_power_of_2(T))), 64, 4, 1)
+    variant, br, bt, bd, w, st = config or config_for(T)
+    grid = (triton.cdiv(rows, br) * triton.cdiv(T, bt),)
+    if variant == "tma":
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        k_desc = TensorDescriptor(keys, [rows, dim], [keys.stride(0), 1], [br, bd])
+        q_desc = TensorDescriptor(q_t, [dim, t_pad], [t_pad, 1], [bd, bt])
+        _routing_scan_tma_kernel[grid](
+            k_desc, q_desc, row_doc, doc_scores, rows, T, _t_bucket(T),
+            DIM=dim, BLOCK_R=br, BLOCK_T=bt, BLOCK_D=bd, UPCAST=INTERPRET, IEEE=ieee, num_warps=w, num_stages=st,
         )
     else:
-        def grid(meta):  # type: ignore[no-untyped-def]
-            return (triton.cdiv(rows, meta["BLOCK_R"]) * triton.cdiv(T, meta["BLOCK_T"]),)
-
-        assert _scan_tuned is not None
-        _scan_tuned[grid](
-            keys, q_t, row_doc, doc_scores, rows, T, keys.stride(0), _t_bucket(T), DIM=dim, UPCAST=False, IEEE=ieee
+        _routing_scan_kernel[grid](
+            keys, q_t, row_doc, doc_scores, rows, T, keys.stride(0), _t_bucket(T), t_pad,
+            DIM=dim, BLOCK_R=br, BLOCK_T=bt, BLOCK_D=bd, UPCAST=INTERPRET, IEEE=ieee, num_warps=w, num_stages=st,
         )
     return doc_scores
 
@@ -208,12 +280,8 @@ def routing_topk_triton(
         ei = torch.empty(0, dtype=torch.int64, device=device)
         return pad_topk(e, ei, k) if pad else (e, ei)
     doc_scores = routing_scan(query.to(device), keys, row_doc.to(device), num_docs)
-    kk = min(k, num_docs)
-    blocks = triton.cdiv(num_docs, BLOCK_N)
-    cand_s = torch.empty((blocks, kk), dtype=torch.float32, device=device)
-    cand_i = torch.empty((blocks, kk), dtype=torch.int32, device=device)
-    _block_topk_kernel[(blocks,)](doc_scores, cand_s, cand_i, num_docs, K=kk, BLOCK_N=BLOCK_N, num_warps=4)
-    # Candidates are in block order and, inside a block, best-first with lower index first among
-    # equal scores; the stable sorts in topk_ordered finish the total order.
-    s, i = topk_ordered(cand_s.reshape(-1), cand_i.reshape(-1).long(), k)
-    return pad_topk(s, i, k) if pad else (s, i)
+    s, i = _topk_tree(doc_scores, k)
+    if pad:
+        return s, i
+    keep = i >= 0  # a host sync: the caller asked for exactly k' entries
+    return s[keep], i[keep]

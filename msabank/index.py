@@ -14,7 +14,6 @@ disk: the engine fills them from `msabank.storage` (`routing_keys`, `content_kv`
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from typing import Sequence
 
 import numpy as np
@@ -230,10 +229,11 @@ class ContentStore:
     """Content K/V per document in one host arena, fetched to the device per question.
 
     The arena is (capacity, R, 2, Hkv, D) in `dtype`: each document's chunks are contiguous rows with
-    all router layers, K and V together (DESIGN.md §4), so fetching a document is one copy of
-    C · R · 2 · Hkv · D · itemsize bytes (C · 73,728 B at the MSA-4B geometry). On CUDA the arena is
-    pinned and copies run on a side stream; whole documents are cached on the device (LRU, bounded by
-    `cache_bytes`), so a document chosen by several layers crosses the bus once.
+    all router layers, K and V together (DESIGN.md §4), C · 73,728 B per document at the MSA-4B
+    geometry. On CUDA the arena is pinned and `prefetch` moves whole documents into a device pool with
+    one gather launch on a side stream (the GPU reads the pinned rows directly); a document chosen by
+    several layers, or again in the next interleave round, crosses the bus once. The pool holds
+    `cache_bytes`; when full it is emptied and refilled (after the work that reads it).
     """
 
     def __init__(
@@ -250,19 +250,21 @@ class ContentStore:
         self.row_shape = (num_router_layers, 2, num_kv_heads, head_dim)
         self.device = torch.device(device)
         self.dtype = dtype
-        self.pin = torch.cuda.is_available() if pin is None else pin
+        self._cuda = self.device.type == "cuda"
+        self.pin = (torch.cuda.is_available() if pin is None else pin) and torch.cuda.is_available()
         self.cache_bytes = cache_bytes
         self._row_bytes = int(np.prod(self.row_shape)) * torch.empty(0, dtype=dtype).element_size()
         self._arena = self._alloc(0)
         self._size = 0
         self._dead = 0
         self._segs = _Segments()
-        self._cuda = self.device.type == "cuda"
         self._stream = torch.cuda.Stream(self.device) if self._cuda else None
-        # number → (device tensor (C, R, 2, Hkv, D), event recorded after its copy)
-        self._cache: OrderedDict[int, tuple[torch.Tensor, torch.cuda.Event]] = OrderedDict()
-        self._cached_bytes = 0
+        self._pool: torch.Tensor | None = None  # (pool_rows, R, 2, Hkv, D) on the device
+        self._pool_top = 0
+        self._slot: dict[int, int] = {}  # number → first pool row
+        self._ready: torch.cuda.Event | None = None  # recorded after the latest transfer
         self.bytes_copied = 0  # host → device bytes since creation (benchmarks, tests)
+        self.last_path = ""  # how the latest transfer ran: zero-copy | staged | torch
 
     def __len__(self) -> int:
         return len(self._segs.ranges)
@@ -293,7 +295,7 @@ class ContentStore:
         self._kill(set(numbers) & self._segs.ranges.keys())
         total = sum(int(t.shape[0]) for t in contents)
         if self._size + total > self._arena.shape[0]:
-            self._sync_copies()  # in-flight copies read the old arena
+            self._sync_copies()  # in-flight transfers read the old arena
             new = self._alloc(_grow(self._arena.shape[0], self._size + total))
             new[: self._size].copy_(self._arena[: self._size])
             self._arena = new
@@ -317,7 +319,7 @@ class ContentStore:
         for n in numbers:
             self._dead += self._segs.rows_of(n)
             del self._segs.ranges[n]
-            self._evict(n)
+            self._slot.pop(n, None)  # its pool rows are simply never read again
 
     def compact(self) -> None:
         self._sync_copies()
@@ -335,15 +337,11 @@ class ContentStore:
         if self._stream is not None:
             self._stream.synchronize()
 
-    # -- device cache --------------------------------------------------------------------------------
-    def _evict(self, number: int) -> None:
-        hit = self._cache.pop(number, None)
-        if hit is not None:
-            self._cached_bytes -= hit[0].numel() * hit[0].element_size()
-
+    # -- device pool ---------------------------------------------------------------------------------
     def clear_cache(self) -> None:
-        self._cache.clear()
-        self._cached_bytes = 0
+        """Forget every document on the device (the next prefetch copies again)."""
+        self._slot.clear()
+        self._pool_top = 0
 
     def _check(self, numbers: Sequence[int]) -> list[int]:
         wanted = sorted({int(n) for n in numbers})
@@ -352,46 +350,59 @@ class ContentStore:
                 raise DocumentNotFoundError(f"#{n}", hint="the routing index and the content store disagree")
         return wanted
 
+    def _host_rows(self, numbers: Sequence[int]) -> np.ndarray:
+        rs = [np.arange(s, s + c) for n in numbers for s, c in self._segs.ranges[n]]
+        return np.concatenate(rs) if rs else np.zeros(0, dtype=np.int64)
+
     def prefetch(self, numbers: Sequence[int]) -> None:
         """Start copying these documents (all layers) to the device; returns at once.
 
-        No-op on CPU. A later `fetch` of these documents waits on the copy on the device only (the
-        current stream waits on an event), never on the host.
+        No-op on CPU. A later `fetch` waits for the copy on the device only (the current stream waits on
+        an event), never on the host.
         """
         if not self._cuda:
             return
-        missing = [n for n in self._check(numbers) if n not in self._cache]
-        for n in self._check(numbers):
-            if n in self._cache:
-                self._cache.move_to_end(n)
+        from msabank.kernels import gather_rows
+
+        wanted = self._check(numbers)
+        missing = [n for n in wanted if n not in self._slot]
         if not missing:
             return
         assert self._stream is not None
-        srcs = [self._arena[s : s + c] for n in missing for s, c in self._segs.ranges[n]]
-        rows = [self._segs.rows_of(n) for n in missing]
+        cur = torch.cuda.current_stream(self.device)
+        need = sum(self._segs.rows_of(n) for n in missing)
+        pool_rows = 0 if self._pool is None else self._pool.shape[0]
+        if self._pool_top + need > pool_rows:
+            # Empty the pool: the side stream overwrites it only after the work already queued on the
+            # current stream (earlier fetches' gathers) has read it.
+            self._stream.wait_stream(cur)
+            self.clear_cache()
+            missing = wanted
+            need = sum(self._segs.rows_of(n) for n in missing)
+            if need > pool_rows:
+                rows = max(need, self.cache_bytes // self._row_bytes)
+                self._pool = torch.empty((rows, *self.row_shape), dtype=self.dtype, device=self.device)
+                self._pool.record_stream(self._stream)
+        assert self._pool is not None
+        src = torch.from_numpy(self._host_rows(missing))
+        top = self._pool_top
         with torch.cuda.stream(self._stream):
-            # One device block for the batch; one DMA per document (its rows are contiguous on host).
-            buf = torch.empty((sum(rows), *self.row_shape), dtype=self.dtype, device=self.device)
-            dsts = list(torch.split(buf, [int(s.shape[0]) for s in srcs]))
-            if hasattr(torch, "_foreach_copy_"):
-                torch._foreach_copy_(dsts, srcs, non_blocking=True)  # the per-copy loop runs in C++
-            else:
-                for d, s in zip(dsts, srcs):
-                    d.copy_(s, non_blocking=True)
+            idx = src.pin_memory().to(self.device, non_blocking=True) if self.pin else src.to(self.device)
+            self.last_path = gather_rows(self._arena, idx, self._pool[top : top + need])
             ev = torch.cuda.Event()
             ev.record(self._stream)
-        self.bytes_copied += buf.numel() * buf.element_size()
-        for n, part in zip(missing, torch.split(buf, rows)):
-            self._cache[n] = (part, ev)
-            self._cached_bytes += part.numel() * part.element_size()
-        while self._cached_bytes > self.cache_bytes and len(self._cache) > len(missing):
-            self._evict(next(iter(self._cache)))
+        self._ready = ev
+        for n in missing:
+            self._slot[n] = top
+            top += self._segs.rows_of(n)
+        self._pool_top = top
+        self.bytes_copied += need * self._row_bytes
 
     def fetch(self, layer_index: int, numbers: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Content K and V of one router layer for these documents: each (C_sel, Hkv, D) on the device.
 
         Documents are deduplicated and their chunks concatenated in ascending number order (the official
-        context order). On CUDA the result is ordered after the copies on the current stream.
+        context order). On CUDA the results are ordered after the transfer on the current stream.
         """
         wanted = self._check(numbers)
         hkv, d = self.row_shape[2], self.row_shape[3]
@@ -403,16 +414,17 @@ class ContentStore:
             kv = torch.cat(parts).to(self.device)  # (C_sel, 2, Hkv, D)
             return kv[:, 0].contiguous(), kv[:, 1].contiguous()
         self.prefetch(wanted)
+        assert self._pool is not None and self._ready is not None
         cur = torch.cuda.current_stream(self.device)
-        docs, events = [], {}
-        for n in wanted:
-            t, ev = self._cache[n]
-            t.record_stream(cur)  # the cache may drop t while cur still reads it
-            docs.append(t)
-            events[id(ev)] = ev
-        for ev in events.values():
-            cur.wait_event(ev)
-        # Two gather kernels over the cached documents: K and V of this layer, each contiguous.
-        k = torch.cat([t[:, layer_index, 0] for t in docs])
-        v = torch.cat([t[:, layer_index, 1] for t in docs])
-        return k, v
+        cur.wait_event(self._ready)
+        starts = [self._slot[n] for n in wanted]
+        counts = [self._segs.rows_of(n) for n in wanted]
+        layer = self._pool[:, layer_index]  # (pool_rows, 2, Hkv, D), strided
+        if all(starts[i] + counts[i] == starts[i + 1] for i in range(len(starts) - 1)):
+            # the usual case (this layer's documents were prefetched together): one slice, two copies
+            sl = layer[starts[0] : starts[0] + sum(counts)]
+            return sl[:, 0].contiguous(), sl[:, 1].contiguous()
+        rows = np.concatenate([np.arange(s, s + c) for s, c in zip(starts, counts)])
+        idx = torch.from_numpy(rows)
+        idx = idx.pin_memory().to(self.device, non_blocking=True) if self.pin else idx.to(self.device)
+        return layer[:, 0].index_select(0, idx), layer[:, 1].index_select(0, idx)

@@ -14,6 +14,7 @@ from msabank.index import ContentStore, RoutingIndex
 from msabank.kernels import routing_topk_ref
 
 R, DIM = 3, 24
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def _doc_keys(g: torch.Generator, c: int) -> list[torch.Tensor]:
@@ -39,11 +40,12 @@ def _add(index: RoutingIndex, docs: dict, numbers: list[int], g: torch.Generator
         docs[n] = p
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_search_matches_reference_through_updates(dtype):
+def test_search_matches_reference_through_updates(dtype, device):
     g = torch.Generator().manual_seed(0)
     rnd = random.Random(0)
-    index = RoutingIndex(R, DIM, dtype=dtype)
+    index = RoutingIndex(R, DIM, dtype=dtype, device=device)
     docs: dict[int, list[torch.Tensor]] = {}
     next_number = 0
     for step in range(40):
@@ -103,15 +105,18 @@ def _content(g: torch.Generator, c: int) -> torch.Tensor:
     return torch.randn(c, R, 2, 2, 8, generator=g)
 
 
-def test_content_store_fetch_order_dedup_and_updates():
+@pytest.mark.parametrize("device", DEVICES)
+def test_content_store_fetch_order_dedup_and_updates(device):
     g = torch.Generator().manual_seed(2)
-    store = ContentStore(R, 2, 8, dtype=torch.float32)
+    store = ContentStore(R, 2, 8, dtype=torch.float32, device=device, cache_bytes=4096)
     assert store.pin is False or torch.cuda.is_available()
     truth = {}
     for n in range(50):
         truth[n] = _content(g, 1 + n % 4)
     store.add(list(truth), list(truth.values()))
+    store.prefetch([3, 12])
     k, v = store.fetch(1, [7, 3, 7, 12])
+    k, v = k.cpu(), v.cpu()
     want = torch.cat([truth[n][:, 1] for n in (3, 7, 12)])
     assert k.shape == (want.shape[0], 2, 8) and torch.equal(k, want[:, 0]) and torch.equal(v, want[:, 1])
     # update and remove; compaction after half the rows die
@@ -124,7 +129,7 @@ def test_content_store_fetch_order_dedup_and_updates():
     assert store._dead == 0 and len(store) == len(truth)
     for layer in range(R):
         nums = sorted(truth)
-        k, v = store.fetch(layer, nums[::-1] + nums[:3])
+        k, v = (t.cpu() for t in store.fetch(layer, nums[::-1] + nums[:3]))
         want = torch.cat([truth[n][:, layer] for n in nums])
         assert torch.equal(k, want[:, 0]) and torch.equal(v, want[:, 1])
     with pytest.raises(DocumentNotFoundError):

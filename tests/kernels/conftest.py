@@ -13,5 +13,3 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
-# one fixed config per token bucket on a GPU: autotuning would compile ~9 configs per test shape
-os.environ.setdefault("MSABANK_TRITON_AUTOTUNE", "0")

@@ -147,3 +147,29 @@ def test_impl_selection(monkeypatch):
     # auto on CPU tensors always serves (reference)
     assert routing_topk(q, keys, rd, 2, 2, impl="auto")[1].shape == (2,)
     assert triton_available() in (True, False)
+
+
+@pytest.mark.interpret
+def test_topk_tree_multi_pass_exact():
+    # 5,000 documents: 5 blocks of 1,024, then one block of candidates; integer data for exact ties.
+    g = torch.Generator().manual_seed(11)
+    rows, dim, num_docs, k = 6000, 16, 5000, 20
+    keys = torch.randint(-1, 2, (rows, dim), generator=g).float()
+    query = torch.randint(-1, 2, (3, dim), generator=g).float()
+    row_doc = torch.randint(0, num_docs, (rows,), generator=g)
+    _, want = oracle(query, keys, row_doc, num_docs, k)
+    s, i = routing_topk(query.to(DEVICE), keys.to(DEVICE), row_doc.to(DEVICE), num_docs, k, impl="triton")
+    assert i.cpu().tolist() == want
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_tma_and_pointer_scans_agree(dtype):
+    from msabank.kernels import triton_routing as tr
+    from msabank.kernels.reference import doc_scores_ref, row_scores_ref
+
+    query, keys, row_doc = make_case((37, 5, 16, 333, 60, 8), dtype, seed=4)  # dim 80: BLOCK_D=64 leaves a tail
+    want = doc_scores_ref(row_scores_ref(query, keys), row_doc, 60)
+    for variant in ("ptr", "tma"):
+        got = tr.routing_scan(query, keys, row_doc, 60, config=(variant, 64, 32, 64, 4, 1))
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
