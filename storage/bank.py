@@ -1099,11 +1099,11 @@ def _stored_rows(dw: DocumentWrite, g: Geometry) -> tuple[np.ndarray, list[np.nd
     for t in (m.routing_keys, m.content_k, m.content_v):
         if t.dtype != want_dtype or t.device.type != "cpu":
             raise InputError(f"document {dw.user_id!r}: tensors must be {g.dtype} on CPU, got {t.dtype} on {t.device}")
-    kv = torch.stack([m.content_k, m.content_v], dim=2).permute(1, 0, 2, 3, 4)  # (C, R, 2, Hkv, D)
-    content = to_stored(kv, g.dtype)
-    rk = m.routing_keys.reshape(r, c, h * d)
-    routing = [to_stored(rk[i], g.dtype) for i in range(r)]
-    return content, routing
+    content = np.empty((c, r, 2, h, d), dtype=DTYPE_STORED[g.dtype])  # (C, R, 2, Hkv, D)
+    content[:, :, 0] = to_stored(m.content_k, g.dtype).transpose(1, 0, 2, 3)
+    content[:, :, 1] = to_stored(m.content_v, g.dtype).transpose(1, 0, 2, 3)
+    rk = to_stored(m.routing_keys, g.dtype).reshape(r, c, h * d)
+    return content, list(rk)  # rk[i] is a contiguous (C, Hkv·D) view
 
 
 def _acquire_writer_lock(root: Path) -> int:

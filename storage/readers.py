@@ -44,14 +44,14 @@ def detect_format(path: str | os.PathLike[str]) -> str:
 def read_corpus(
     path: str | os.PathLike[str],
     *,
-    format: str | None = None,
+    fmt: str | None = None,
     id_field: str = "id",
     text_field: str = "text",
     batch_size: int = 1024,
     extensions: Sequence[str] = (".txt", ".md"),
 ) -> Iterator[Batch]:
     """Stream a corpus as validated batches of (id, text); the format is detected from the path if None."""
-    fmt = format or detect_format(path)
+    fmt = fmt or detect_format(path)
     if fmt == "jsonl":
         return read_jsonl(path, id_field=id_field, text_field=text_field, batch_size=batch_size)
     if fmt == "parquet":
@@ -61,6 +61,20 @@ def read_corpus(
     if fmt == "folder":
         return read_folder(path, batch_size=batch_size, extensions=extensions)
     raise InputError(f"unknown corpus format {fmt!r}", hint=f"use one of {FORMATS}")
+
+
+def count_records(path: str | os.PathLike[str], *, fmt: str | None = None, extensions: Sequence[str] = (".txt", ".md")) -> int:
+    """Records in a corpus, cheaply (for progress bars): non-blank lines, Parquet metadata, or files."""
+    fmt = fmt or detect_format(path)
+    p = Path(path)
+    if fmt == "parquet":
+        return int(pq.ParquetFile(p).metadata.num_rows)
+    if fmt == "folder":
+        exts = tuple(e.lower() for e in extensions)
+        return sum(1 for _d, _s, files in os.walk(p) for f in files if f.lower().endswith(exts))
+    with open(p, "rb") as f:
+        n = sum(1 for line in f if line.strip())
+    return max(0, n - 1) if fmt == "csv" else n
 
 
 # ---------------------------------------------------------------------------------------------- validation

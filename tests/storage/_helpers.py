@@ -94,7 +94,7 @@ def gen_ops(seed: int, n: int, focus: str | None = None) -> tuple[list[Op], list
     next_id = 0
     weights = {"add": 3, "update": 2, "delete": 1, "compact": 1}
     if focus:
-        weights[focus] += 6
+        weights[focus] += 30 if focus == "delete" else 6  # deletes are short: make them most of the run
     for _ in range(n):
         kind = rng.choices(list(weights), list(weights.values()))[0]
         if kind in ("update", "delete", "compact") and not state:
@@ -112,7 +112,7 @@ def gen_ops(seed: int, n: int, focus: str | None = None) -> tuple[list[Op], list
             ops.append(("put", items))
             state.update(items)
         elif kind == "delete":
-            ids = rng.sample(sorted(state), min(len(state), rng.randint(1, 2)))
+            ids = rng.sample(sorted(state), 1 if focus == "delete" else min(len(state), rng.randint(1, 2)))
             ops.append(("delete", ids))
             for i in ids:
                 del state[i]

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from msabank.errors import InputError
-from msabank.storage.readers import read_corpus
+from msabank.storage.readers import count_records, read_corpus
 
 DOCS = [(f"doc-{i}", f"text number {i} é") for i in range(25)]
 
@@ -39,6 +39,8 @@ def test_formats_roundtrip(tmp_path: Path) -> None:
     (folder / "sub" / "b.md").write_text("# beta")
     (folder / "skip.bin").write_bytes(b"\0")
     assert _all(folder) == [("a.txt", "alpha"), ("sub/b.md", "# beta")]
+    assert [count_records(tmp_path / n) for n in ("c.jsonl", "c.parquet", "c.csv")] == [25, 25, 25]
+    assert count_records(folder) == 2 and count_records(tmp_path / "c.jsonl", fmt="jsonl") == 25
     # integer ids in JSONL become strings
     assert _all(_jsonl(tmp_path / "i.jsonl", [{"id": 7, "text": "seven"}])) == [("7", "seven")]
 
