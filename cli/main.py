@@ -6,10 +6,27 @@ import os
 import sys
 
 import typer
+from typer.core import TyperGroup
 
 from msabank.errors import MsabankError
 
+
+class _ErrorBoundary(TyperGroup):
+    """The one place that turns MsabankError into `error: …` / `hint: …` on stderr and exit code 1
+    (MSABANK_DEBUG=1 re-raises for a traceback). Usage errors keep click's exit code 2."""
+
+    def invoke(self, ctx):  # type: ignore[no-untyped-def]
+        try:
+            return super().invoke(ctx)
+        except MsabankError as err:
+            if os.environ.get("MSABANK_DEBUG"):
+                raise
+            _print_error(err)
+            ctx.exit(1)
+
+
 app = typer.Typer(
+    cls=_ErrorBoundary,
     name="msabank",
     help="msabank: a memory-bank database for Memory Sparse Attention (MSA) language models.",
     no_args_is_help=True,
@@ -25,14 +42,8 @@ def _print_error(err: MsabankError) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: run the app; turn MsabankError into `error:`/`hint:` and exit code 1."""
-    try:
-        app(args=argv, standalone_mode=True)
-    except MsabankError as err:
-        if os.environ.get("MSABANK_DEBUG"):
-            raise
-        _print_error(err)
-        sys.exit(1)
+    """Entry point of the `msabank` console script."""
+    app(args=argv)
 
 
 @app.callback()
