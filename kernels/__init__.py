@@ -20,7 +20,7 @@ from msabank.errors import ConfigError, KernelUnavailableError
 
 from .reference import normalize_per_head, routing_topk_ref
 
-__all__ = ["routing_topk", "routing_topk_ref", "gather_rows", "normalize_per_head", "resolve_impl", "triton_available"]
+__all__ = ["routing_topk", "routing_topk_ref", "gather_spans", "normalize_per_head", "resolve_impl", "triton_available"]
 
 log = logging.getLogger(__name__)
 
@@ -108,33 +108,33 @@ def routing_topk(
     return routing_topk_ref(query, keys, row_doc, num_docs, k, pad=pad)
 
 
-def gather_rows(src: torch.Tensor, index: torch.Tensor, out: torch.Tensor, *, impl: str | None = None) -> str:
-    """out[i] = src[index[i]] (rows); src may be pinned host memory and out a device tensor.
+def gather_spans(
+    src: torch.Tensor, spans: torch.Tensor, out: torch.Tensor, *, impl: str | None = None, max_rows: int | None = None
+) -> str:
+    """out[d:d+n] = src[s:s+n] for each (s, d, n) row of spans (k, 3) int64: whole documents' rows.
 
-    index: (M,) int64 on out's device. On CUDA the Triton kernel reads pinned host rows directly
-    (zero-copy, one launch); where that cannot run, rows are gathered on the host into a pinned staging
-    buffer and copied with one DMA. Returns the path taken ("zero-copy", "device", "staged", "torch").
-    Runs on the current stream.
+    src may be pinned host memory and out a device tensor; spans must then be pinned host memory or on
+    out's device, and both must stay untouched until the current stream passes this point. On CUDA the
+    Triton kernel reads the pinned rows directly (zero-copy, one launch); where that cannot run, each
+    span is one DMA. Returns the path taken ("zero-copy", "device", "dma", "torch").
     """
     global _gather_module, _gather_zero_copy_ok
-    if out.is_cuda and resolve_impl(impl, out) == "triton" and _gather_zero_copy_ok is not False:
+    if out.is_cuda and _gather_zero_copy_ok is not False and resolve_impl(impl, out) == "triton":
         if _gather_module is None:
             from . import triton_gather
 
             _gather_module = triton_gather
+        if max_rows is None:
+            max_rows = int(spans[:, 2].max()) if spans.shape[0] and not spans.is_cuda else out.shape[0]
         try:
-            _gather_module.gather_rows_triton(src, index, out)
+            _gather_module.gather_spans_triton(src, spans, out, max_rows)
             _gather_zero_copy_ok = True
             return "device" if src.is_cuda else "zero-copy"
         except (RuntimeError, ValueError) as err:  # e.g. the driver refuses a host pointer
             if src.is_cuda:
                 raise
             _gather_zero_copy_ok = False
-            log.info("zero-copy gather unavailable (%s): staging through pinned memory", err)
-    if src.is_cuda or not out.is_cuda:
-        torch.index_select(src, 0, index.to(src.device), out=out) if src.device == out.device else out.copy_(src[index.cpu()])
-        return "torch"
-    staged = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
-    torch.index_select(src, 0, index.cpu(), out=staged)
-    out.copy_(staged, non_blocking=True)
-    return "staged"
+            log.info("zero-copy gather unavailable (%s): one DMA per document", err)
+    for s0, d0, n in spans.tolist():
+        out[d0 : d0 + n].copy_(src[s0 : s0 + n], non_blocking=True)
+    return "dma" if out.is_cuda and not src.is_cuda else "torch"

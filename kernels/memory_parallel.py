@@ -78,42 +78,48 @@ class ShardedRoutingIndex:
         # NCCL moves device tensors; gloo host tensors.
         self.comm_device = local.device if self.backend == "nccl" else torch.device("cpu")
 
+    def _fail(self, what: str, err: object) -> DistributedError:
+        return DistributedError(
+            f"memory-parallel {what} failed on rank {self.rank} of {self.world_size}: {err}",
+            hint="a rank died or fell out of lockstep; restart the process group",
+        )
+
     def _wait(self, work: Any, what: str, *, timed: bool) -> None:
+        """Wait for a collective. NCCL: the stream waits, and a timed wait also brings the host along by
+        spinning on a CUDA event (Work.wait(timeout) polls at millisecond granularity: measured 1-2 ms
+        per call on H200, which is more than a whole layer's scan). gloo: Work.wait(timeout)."""
         try:
-            if timed:
+            if self.backend != "nccl":
                 if work.wait(timeout=self.timeout) is False:
                     raise RuntimeError(f"timed out after {self.timeout}")
-            else:
-                work.wait()  # NCCL: the stream waits; the timed wait at the end catches a dead rank
+                return
+            work.wait()
         except RuntimeError as err:
-            raise DistributedError(
-                f"memory-parallel {what} failed on rank {self.rank} of {self.world_size}: {err}",
-                hint="a rank died or fell out of lockstep; restart the process group",
-            ) from err
+            raise self._fail(what, err) from err
+        if timed:
+            ev = torch.cuda.Event()
+            ev.record()
+            deadline = time.monotonic() + self.timeout.total_seconds()
+            while not ev.query():
+                if time.monotonic() > deadline:
+                    raise self._fail(what, f"timed out after {self.timeout}")
 
-    def search_padded(self, layer_index: int, query: torch.Tensor | None, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Global top-k as exactly k (score, number) pairs padded with (-inf, -1), on the comm device."""
+    def search_padded(
+        self, layer_index: int, query: torch.Tensor | None, k: int, *, replicated: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Global top-k as exactly k (score, number) pairs padded with (-inf, -1), on the comm device.
+
+        replicated=True: every rank passes the same query (e.g. each computed it with its own model
+        replica), so the header and query broadcasts are skipped: one collective per layer.
+        """
         gloo = self.backend != "nccl"
-        header = torch.zeros(4, dtype=torch.int64, device=self.comm_device)
-        if self.rank == self.src:
-            if query is None:
-                raise ValueError("the source rank must pass the routing query")
-            header.copy_(torch.tensor([query.shape[0], query.shape[1], k, layer_index]))
         is_src = self.rank == self.src
-        # A non-source rank must read the header on the host (to size the query), so it waits with the
-        # timeout here; the source never waits on the host before the final all_gather.
-        self._wait(dist.broadcast(header, self.src, group=self.group, async_op=True), "header broadcast", timed=gloo or not is_src)
-        if is_src:
-            T, dim, hk, hl = query.shape[0], query.shape[1], k, layer_index  # type: ignore[union-attr]
+        if replicated:
+            if query is None:
+                raise ValueError("replicated=True needs the query on every rank")
+            q = query.to(self.comm_device, self.local.dtype)
         else:
-            T, dim, hk, hl = header.tolist()
-        if (hk, hl) != (k, layer_index):
-            raise DistributedError(f"rank {self.rank} searched layer {layer_index} k={k}, source layer {hl} k={hk}")
-        q = torch.empty(T, dim, dtype=self.local.dtype, device=self.comm_device)
-        if self.rank == self.src:
-            q.copy_(query)  # type: ignore[arg-type]
-        self._wait(dist.broadcast(q, self.src, group=self.group, async_op=True), "query broadcast", timed=gloo)
-
+            q = self._broadcast_query(layer_index, query, k, is_src, gloo)
         keys, row_doc, num_docs = self.local.layer(layer_index)
         s, i = routing_topk(q.to(self.local.device), keys, row_doc, num_docs, k, impl=self.local.impl, pad=True)
         mine = torch.stack([s.double(), i.double()], dim=1).to(self.comm_device)  # (k, 2); numbers < 2^53 exact
@@ -121,6 +127,27 @@ class ShardedRoutingIndex:
         self._wait(dist.all_gather(parts, mine, group=self.group, async_op=True), "candidate all_gather", timed=True)
         cand = torch.cat(parts)  # (world·k, 2), rank order
         return topk_ordered_padded(cand[:, 0].float(), cand[:, 1].long(), k)
+
+    def _broadcast_query(self, layer_index: int, query: torch.Tensor | None, k: int, is_src: bool, gloo: bool) -> torch.Tensor:
+        header = torch.zeros(4, dtype=torch.int64, device=self.comm_device)
+        if is_src:
+            if query is None:
+                raise ValueError("the source rank must pass the routing query")
+            header.copy_(torch.tensor([query.shape[0], query.shape[1], k, layer_index]))
+        # A non-source rank must read the header on the host (to size the query), so it waits with the
+        # timeout here; the source never waits on the host before the final all_gather.
+        self._wait(dist.broadcast(header, self.src, group=self.group, async_op=True), "header broadcast", timed=not is_src)
+        if is_src:
+            T, dim, hk, hl = query.shape[0], query.shape[1], k, layer_index  # type: ignore[union-attr]
+        else:
+            T, dim, hk, hl = header.tolist()
+        if (hk, hl) != (k, layer_index):
+            raise DistributedError(f"rank {self.rank} searched layer {layer_index} k={k}, source layer {hl} k={hk}")
+        q = torch.empty(T, dim, dtype=self.local.dtype, device=self.comm_device)
+        if is_src:
+            q.copy_(query)  # type: ignore[arg-type]
+        self._wait(dist.broadcast(q, self.src, group=self.group, async_op=True), "query broadcast", timed=False)
+        return q
 
     def search(self, layer_index: int, query: torch.Tensor | None, k: int) -> Routed:
         """Collective top-k over all shards; the same `Routed` (on the CPU) on every rank."""
@@ -221,6 +248,8 @@ def _selftest_worker(rank: int, world_size: int, port: int, cfg: dict[str, Any],
                     got = sharded.search(layer, q if rank == 0 else None, k)
                     want = full.search(layer, q, k)
                     same = got.numbers.tolist() == want.numbers.tolist() and got.scores.tolist() == want.scores.tolist()
+                    rs, ri = sharded.search_padded(layer, q, k, replicated=True)  # every rank has q
+                    same = same and ri[ri >= 0].tolist() == want.numbers.tolist()
                     checks.append(same)
         result["ok"] = all(checks)
         result["checks"] = len(checks)

@@ -184,19 +184,32 @@ def _topk_tree(doc_scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Te
 
 # Scan configs by token bucket: (variant, BLOCK_R, BLOCK_T, BLOCK_D, num_warps, num_stages). A fixed
 # table rather than an autotuner: every rank and every run uses the same tiles, so every score bit is
-# the same on one GPU and on several. Chosen by `sweep_configs` on an H100 (docs/kernels.md).
+# the same on one GPU and on several. Winners of `msabank bench`'s sweep on an H100 80GB HBM3
+# (docs/benchmarks.md): T=64 at 2.91 TB/s (1.03x the read floor per layer), T=512 at 659 TFLOP/s.
 SCAN_CONFIGS: dict[int, tuple[str, int, int, int, int, int]] = {
-    64: ("ptr", 128, 64, 64, 4, 4),
-    128: ("ptr", 128, 128, 64, 8, 3),
-    256: ("ptr", 128, 256, 64, 8, 3),
+    64: ("ptr", 64, 64, 64, 4, 6),
+    128: ("tma", 256, 128, 64, 8, 3),
+    256: ("tma", 256, 128, 64, 8, 3),
 }
 
 
-def config_for(T: int) -> tuple[str, int, int, int, int, int]:
+def config_for(T: int, keys: torch.Tensor | None = None) -> tuple[str, int, int, int, int, int]:
+    """The table's config for a T-token query; TMA only where the GPU (sm_90+) and layout allow it."""
+    cfg = SCAN_CONFIGS[max(SCAN_CONFIGS)]
     for bucket in sorted(SCAN_CONFIGS):
         if T <= bucket:
-            return SCAN_CONFIGS[bucket]
-    return SCAN_CONFIGS[max(SCAN_CONFIGS)]
+            cfg = SCAN_CONFIGS[bucket]
+            break
+    if cfg[0] == "tma" and keys is not None and not _tma_ok(keys):
+        cfg = ("ptr", *cfg[1:])
+    return cfg
+
+
+def _tma_ok(keys: torch.Tensor) -> bool:
+    # TMA: Hopper or newer, 16-byte aligned base and row stride.
+    if not keys.is_cuda or torch.cuda.get_device_capability(keys.device) < (9, 0):
+        return False
+    return keys.data_ptr() % 16 == 0 and (keys.stride(0) * keys.element_size()) % 16 == 0
 
 
 def candidate_configs(T: int) -> list[tuple[str, int, int, int, int, int]]:
@@ -237,7 +250,7 @@ def routing_scan(
     ieee = keys.dtype == torch.float32
     if INTERPRET:  # small blocks: the interpreter runs every program in numpy
         config = config or ("ptr", 64, max(16, min(64, triton.next_power_of_2(T))), 64, 4, 1)
-    variant, br, bt, bd, w, st = config or config_for(T)
+    variant, br, bt, bd, w, st = config or config_for(T, keys)
     grid = (triton.cdiv(rows, br) * triton.cdiv(T, bt),)
     if variant == "tma":
         from triton.tools.tensor_descriptor import TensorDescriptor

@@ -295,32 +295,37 @@ def _mp_worker(rank: int, world_size: int, port: int, cfg: dict[str, Any], out_p
     torch.cuda.set_device(rank)
     device = torch.device("cuda", rank)
     init_tcp(rank, world_size, port, backend="nccl", timeout_s=120.0)
+    dist.barrier(device_ids=[rank])
     bank = SyntheticShard(cfg["tokens"], layers=cfg["layers"], device=device, dtype=torch.bfloat16,
                           rank=rank, world_size=world_size)
     sharded = ShardedRoutingIndex(bank, timeout_s=60.0)
     result: dict[str, Any] = {"world_size": world_size, "rows_per_rank": bank.rows, "card": card_name(device), "by_T": {}}
     for T in cfg["q_tokens"]:
-        qs = queries(T, cfg["layers"], device, torch.bfloat16, seed=T)
+        qs = queries(T, cfg["layers"], device, torch.bfloat16, seed=T)  # the same on every rank
+        for mode in ("broadcast", "replicated"):
+            rep = mode == "replicated"
 
-        def question() -> list[torch.Tensor]:
-            return [sharded.search_padded(layer, q if rank == 0 else None, TOP_K)[1] for layer, q in enumerate(qs)]
+            def question() -> list[torch.Tensor]:
+                return [sharded.search_padded(layer, q if rank == 0 or rep else None, TOP_K, replicated=rep)[1]
+                        for layer, q in enumerate(qs)]
 
-        ans = question()
-        for _ in range(2):
-            question()
-        times = []
-        for _ in range(cfg["reps"]):
-            dist.barrier()
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            question()
-            torch.cuda.synchronize()
-            times.append((time.perf_counter() - t0) * 1e3)
-        result["by_T"][str(T)] = {"ms": statistics.median(times), "ms_all": times, "topk": [a.cpu().tolist() for a in ans]}
+            ans = question()
+            for _ in range(2):
+                question()
+            times = []
+            for _ in range(cfg["reps"]):
+                dist.barrier(device_ids=[rank])
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                question()
+                torch.cuda.synchronize()
+                times.append((time.perf_counter() - t0) * 1e3)
+            key = str(T) if mode == "broadcast" else f"{T}-replicated"
+            result["by_T"][key] = {"ms": statistics.median(times), "ms_all": times, "topk": [a.cpu().tolist() for a in ans]}
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(result, f)
-    dist.barrier()
+    dist.barrier(device_ids=[rank])
     dist.destroy_process_group()
 
 
@@ -413,6 +418,42 @@ def bench_fetch(*, device: torch.device, docs: int = 2048, per_question: int = T
         log.info("fetch %-15s %.3f ms for %.2f MB: %.1f GB/s%s", name, ms, nbytes / 1e6, row["GBps"],
                  f" = {row['x_pinned_h2d']:.0%} of pinned H2D ({h2d['pinned'] / 1e9:.1f} GB/s)" if h2d else "")
     res["path"] = store.last_path
+    if device.type == "cuda":  # the transfer as the GPU sees it (host-side bookkeeping excluded)
+        store.timing = True
+
+        def device_ms() -> list[float]:
+            out = []
+            for _ in range(reps):
+                transfer()
+                torch.cuda.synchronize(device)
+                assert store.last_transfer is not None
+                out.append(store.last_transfer[0].elapsed_time(store.last_transfer[1]))
+            return out
+
+        if store.last_path == "zero-copy":  # tile sweep of the gather kernel; keep the fastest
+            from msabank.kernels import triton_gather
+
+            sweep = {}
+            for cfg in triton_gather.GATHER_CANDIDATES:
+                triton_gather.GATHER_CONFIG = cfg
+                sweep[cfg] = statistics.median(device_ms())
+                log.info("gather %s: %.3f ms (GPU time), %.1f GB/s", cfg, sweep[cfg], nbytes / sweep[cfg] / 1e6)
+            triton_gather.GATHER_CONFIG = min(sweep, key=sweep.__getitem__)
+            res["gather_sweep"] = {str(c): {"ms": v, "GBps": nbytes / v / 1e6} for c, v in sweep.items()}
+            res["gather_config"] = list(triton_gather.GATHER_CONFIG)
+        dev_ms = device_ms()
+        store.timing = False
+        ms = statistics.median(dev_ms)
+        res["transfer_device"] = {"ms": ms, "ms_all": dev_ms, "GBps": nbytes / ms / 1e6,
+                                  "x_pinned_h2d": nbytes / (ms / 1e3) / h2d["pinned"]}
+        log.info("fetch transfer (GPU time) %.3f ms: %.1f GB/s = %.0f%% of pinned H2D", ms, nbytes / ms / 1e6,
+                 100 * res["transfer_device"]["x_pinned_h2d"])
+        t = time_ms(transfer, device, reps=reps, warmup=2)  # wall time again, with the chosen gather tiles
+        ms = statistics.median(t)
+        res["transfer_after_sweep"] = {"ms": ms, "ms_all": t, "GBps": nbytes / ms / 1e6,
+                                       "x_pinned_h2d": nbytes / (ms / 1e3) / h2d["pinned"]}
+        log.info("fetch transfer (wall, best tiles) %.3f ms: %.1f GB/s = %.0f%% of pinned H2D", ms, nbytes / ms / 1e6,
+                 100 * res["transfer_after_sweep"]["x_pinned_h2d"])
     if device.type == "cuda":  # the same bytes as one contiguous pinned copy, for scale
         src = torch.empty(int(nbytes), dtype=torch.uint8, pin_memory=True)
         dst = torch.empty(int(nbytes), dtype=torch.uint8, device=device)
@@ -449,7 +490,7 @@ def plot(results: dict[str, Any], path: Path) -> str | None:
     ax.set_yscale("log")
     ax.set_xlabel("bank size (tokens)")
     ax.set_ylabel(f"ms per question ({r['layers']} router layers)")
-    ax.set_title(f"Routing on {r['card']} (dashed: max(HBM read, tensor-core) floor)")
+    ax.set_title(f"Routing, {r['card']}\ndashed: max(HBM read, tensor-core) floor, same run", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -458,7 +499,7 @@ def plot(results: dict[str, Any], path: Path) -> str | None:
 
 def run(what: str, *, out_dir: Path, sizes: Sequence[int], q_tokens: Sequence[int], impls: Sequence[str],
         gpus: Sequence[int], layers: int = LAYERS, reps: int = 5, device: str | None = None,
-        sweep: bool = True) -> dict[str, Any]:
+        sweep: bool = True, memory_parallel: bool = False) -> dict[str, Any]:
     """The `msabank bench` body: runs the groups in `what` (routing|fetch|all), writes JSON (+ PNG)."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -473,9 +514,9 @@ def run(what: str, *, out_dir: Path, sizes: Sequence[int], q_tokens: Sequence[in
         impls = [i for i in impls if i != "triton" or os.environ.get("TRITON_INTERPRET") == "1"]
     if what in ("routing", "all"):
         results["routing"] = bench_routing(sizes, q_tokens, impls, device=dev, layers=layers, reps=reps, sweep=sweep)
-        multi = [g for g in gpus if g > 1]
-        if multi and dev.type == "cuda":
-            results["memory_parallel"] = bench_memory_parallel(max(sizes), q_tokens, [1, *multi], layers=layers,
+        worlds = sorted({1, *gpus}) if memory_parallel or any(g > 1 for g in gpus) else []
+        if worlds and dev.type == "cuda":
+            results["memory_parallel"] = bench_memory_parallel(max(sizes), q_tokens, worlds, layers=layers,
                                                                reps=reps, out_dir=out_dir)
     if what in ("fetch", "all"):
         results["fetch"] = bench_fetch(device=dev, layers=layers)
@@ -499,12 +540,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--device", default=None)
     ap.add_argument("--no-sweep", action="store_true", help="keep the built-in scan tile table")
+    ap.add_argument("--memory-parallel", action="store_true", help="run the NCCL path even for --gpus 1")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     run(a.what, out_dir=Path(a.out), sizes=[parse_tokens(s) for s in a.sizes.split(",")],
         q_tokens=[int(x) for x in a.q_tokens.split(",")], impls=a.impls.split(","),
         gpus=[int(x) for x in a.gpus.split(",")], layers=a.layers, reps=a.reps, device=a.device,
-        sweep=not a.no_sweep)
+        sweep=not a.no_sweep, memory_parallel=a.memory_parallel)
 
 
 if __name__ == "__main__":

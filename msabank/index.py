@@ -264,7 +264,10 @@ class ContentStore:
         self._slot: dict[int, int] = {}  # number → first pool row
         self._ready: torch.cuda.Event | None = None  # recorded after the latest transfer
         self.bytes_copied = 0  # host → device bytes since creation (benchmarks, tests)
-        self.last_path = ""  # how the latest transfer ran: zero-copy | staged | torch
+        self.last_path = ""  # how the latest transfer ran: zero-copy | dma | torch
+        self._inflight: list[tuple[torch.cuda.Event, torch.Tensor]] = []  # span tables in use on the GPU
+        self.timing = False  # record (start, end) events around each transfer in `last_transfer`
+        self.last_transfer: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
 
     def __len__(self) -> int:
         return len(self._segs.ranges)
@@ -350,51 +353,61 @@ class ContentStore:
                 raise DocumentNotFoundError(f"#{n}", hint="the routing index and the content store disagree")
         return wanted
 
-    def _host_rows(self, numbers: Sequence[int]) -> np.ndarray:
-        rs = [np.arange(s, s + c) for n in numbers for s, c in self._segs.ranges[n]]
-        return np.concatenate(rs) if rs else np.zeros(0, dtype=np.int64)
-
     def prefetch(self, numbers: Sequence[int]) -> None:
         """Start copying these documents (all layers) to the device; returns at once.
 
         No-op on CPU. A later `fetch` waits for the copy on the device only (the current stream waits on
         an event), never on the host.
         """
-        if not self._cuda:
-            return
-        from msabank.kernels import gather_rows
+        if self._cuda:
+            self._prefetch(self._check(numbers))
 
-        wanted = self._check(numbers)
+    def _prefetch(self, wanted: list[int]) -> None:
+        from msabank.kernels import gather_spans
+
+        ranges = self._segs.ranges
         missing = [n for n in wanted if n not in self._slot]
         if not missing:
             return
         assert self._stream is not None
-        cur = torch.cuda.current_stream(self.device)
-        need = sum(self._segs.rows_of(n) for n in missing)
+        need = sum(c for n in missing for _, c in ranges[n])
         pool_rows = 0 if self._pool is None else self._pool.shape[0]
         if self._pool_top + need > pool_rows:
             # Empty the pool: the side stream overwrites it only after the work already queued on the
-            # current stream (earlier fetches' gathers) has read it.
-            self._stream.wait_stream(cur)
+            # current stream (earlier fetches' copies out of it) has read it.
+            self._stream.wait_stream(torch.cuda.current_stream(self.device))
             self.clear_cache()
             missing = wanted
-            need = sum(self._segs.rows_of(n) for n in missing)
+            need = sum(c for n in missing for _, c in ranges[n])
             if need > pool_rows:
                 rows = max(need, self.cache_bytes // self._row_bytes)
                 self._pool = torch.empty((rows, *self.row_shape), dtype=self.dtype, device=self.device)
                 self._pool.record_stream(self._stream)
         assert self._pool is not None
-        src = torch.from_numpy(self._host_rows(missing))
         top = self._pool_top
-        with torch.cuda.stream(self._stream):
-            idx = src.pin_memory().to(self.device, non_blocking=True) if self.pin else src.to(self.device)
-            self.last_path = gather_rows(self._arena, idx, self._pool[top : top + need])
-            ev = torch.cuda.Event()
-            ev.record(self._stream)
-        self._ready = ev
+        table = []
         for n in missing:
             self._slot[n] = top
-            top += self._segs.rows_of(n)
+            for s, c in ranges[n]:
+                table.append((s, top, c))
+                top += c
+        # The span table travels zero-copy too: it must outlive the launch, so keep it until its event.
+        spans = torch.tensor(table, dtype=torch.int64)
+        spans = spans.pin_memory() if self.pin else spans.to(self.device)
+        self._inflight = [(e, t) for e, t in self._inflight if not e.query()]
+        with torch.cuda.stream(self._stream):
+            if self.timing:
+                t0 = torch.cuda.Event(enable_timing=True)
+                t0.record(self._stream)
+            # pageable (pin=False) host memory is not device-addressable: one DMA per document instead
+            self.last_path = gather_spans(self._arena, spans, self._pool, impl=None if self.pin else "torch",
+                                          max_rows=max(c for _, _, c in table))
+            ev = torch.cuda.Event(enable_timing=self.timing)
+            ev.record(self._stream)
+        if self.timing:
+            self.last_transfer = (t0, ev)
+        self._inflight.append((ev, spans))
+        self._ready = ev
         self._pool_top = top
         self.bytes_copied += need * self._row_bytes
 
@@ -413,18 +426,21 @@ class ContentStore:
             parts = [self._arena[s : s + c, layer_index] for n in wanted for s, c in self._segs.ranges[n]]
             kv = torch.cat(parts).to(self.device)  # (C_sel, 2, Hkv, D)
             return kv[:, 0].contiguous(), kv[:, 1].contiguous()
-        self.prefetch(wanted)
+        self._prefetch(wanted)
         assert self._pool is not None and self._ready is not None
-        cur = torch.cuda.current_stream(self.device)
-        cur.wait_event(self._ready)
-        starts = [self._slot[n] for n in wanted]
-        counts = [self._segs.rows_of(n) for n in wanted]
+        torch.cuda.current_stream(self.device).wait_event(self._ready)
+        slot, ranges = self._slot, self._segs.ranges
         layer = self._pool[:, layer_index]  # (pool_rows, 2, Hkv, D), strided
-        if all(starts[i] + counts[i] == starts[i + 1] for i in range(len(starts) - 1)):
-            # the usual case (this layer's documents were prefetched together): one slice, two copies
-            sl = layer[starts[0] : starts[0] + sum(counts)]
+        first = slot[wanted[0]]
+        end = first
+        for n in wanted:  # the usual case: this layer's documents were prefetched together, in order
+            if slot[n] != end:
+                break
+            end += sum(c for _, c in ranges[n])
+        else:
+            sl = layer[first:end]
             return sl[:, 0].contiguous(), sl[:, 1].contiguous()
-        rows = np.concatenate([np.arange(s, s + c) for s, c in zip(starts, counts)])
+        rows = np.concatenate([np.arange(slot[n], slot[n] + sum(c for _, c in ranges[n])) for n in wanted])
         idx = torch.from_numpy(rows)
         idx = idx.pin_memory().to(self.device, non_blocking=True) if self.pin else idx.to(self.device)
         return layer[:, 0].index_select(0, idx), layer[:, 1].index_select(0, idx)

@@ -1,36 +1,46 @@
-"""gather_rows: the Triton row gather (interpreter on CPU; zero-copy from pinned memory on a GPU) and the
-facade's fallbacks against plain indexing."""
+"""gather_spans: the Triton span gather (interpreter on CPU; zero-copy from pinned memory on a GPU) and
+the facade's per-document copy path, against plain slicing."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from msabank.kernels import gather_rows
+from msabank.kernels import gather_spans
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SPANS = [(7, 0, 3), (0, 3, 1), (40, 4, 10), (7, 14, 2)]  # (src row, dst row, rows)
+
+
+def _want(src: torch.Tensor) -> torch.Tensor:
+    return torch.cat([src[s : s + n] for s, _, n in SPANS])
 
 
 @pytest.mark.interpret
 @pytest.mark.parametrize("row_shape", [(3, 2, 4), (5, 3)], ids=["words64", "words32"])
-def test_triton_gather_rows(row_shape):
+def test_triton_gather_spans(row_shape):
     from msabank.kernels import triton_gather
 
     src = torch.randn(50, *row_shape).to(torch.bfloat16)
+    spans = torch.tensor(SPANS)
     if DEVICE == "cuda":
-        src = src.pin_memory()
-    index = torch.tensor([7, 0, 49, 7, 13], device=DEVICE)
-    out = torch.empty(5, *row_shape, dtype=torch.bfloat16, device=DEVICE)
-    triton_gather.gather_rows_triton(src, index, out)
-    assert torch.equal(out.cpu(), src[index.cpu()])
-
-
-def test_facade_gather_rows():
-    src = torch.randn(20, 6)
-    index = torch.tensor([3, 3, 19, 0], device=DEVICE)
-    out = torch.empty(4, 6, device=DEVICE)
-    path = gather_rows(src.pin_memory() if DEVICE == "cuda" else src, index, out)
+        src, spans = src.pin_memory(), spans.pin_memory()
+    out = torch.empty(16, *row_shape, dtype=torch.bfloat16, device=DEVICE)
+    triton_gather.gather_spans_triton(src, spans, out, max_rows=10)
     if DEVICE == "cuda":
         torch.cuda.synchronize()
-        assert path in ("zero-copy", "staged")
-    assert torch.equal(out.cpu(), src[index.cpu()])
+    assert torch.equal(out.cpu(), _want(src))
+
+
+@pytest.mark.parametrize("impl", [None, "torch"])
+def test_facade_gather_spans(impl):
+    src = torch.randn(50, 6)
+    spans = torch.tensor(SPANS)
+    if DEVICE == "cuda":
+        src, spans = src.pin_memory(), spans.pin_memory()
+    out = torch.empty(16, 6, device=DEVICE)
+    path = gather_spans(src, spans, out, impl=impl)
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+        assert path in (("zero-copy", "dma") if impl is None else ("dma",))
+    assert torch.equal(out.cpu(), _want(src))
