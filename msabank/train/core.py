@@ -1,0 +1,292 @@
+"""The MSA training forward: a shared memory of documents, questions routed over it, InfoNCE + LM loss.
+
+One step sees M memory documents (each encoded alone, causally, positions restarting at 0: stage 1) and
+S prompt sequences (questions, or interleave transcripts). In every router layer each sequence scores
+every document (cosine of L2-normalised router_q_proj(x) and chunk-mean router_k_proj(x), mean over heads,
+max over routing tokens, max over chunks: the official training path), the top-k documents are selected
+(the positive forced in during training, TRAINING_NOTES), and the sequence attends to
+[template head ; pooled K/V of the selected documents' chunks ; itself, causally]. Lower layers see only
+[template head ; itself]. The forward equals the official training-mode forward (golden cases/train_p4).
+
+Shapes: M memory documents, Ld their padded length, C chunks per document (padded), S sequences,
+T their padded length, Hkv, H, D as usual, R router layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from msabank.model import MSAModel, attention, rope_cos_sin
+
+TEMPLATE_LEN = 3
+
+
+@dataclass
+class Batch:
+    """A training (or evaluation) step; tensors on one device. Padding: ids 0, lengths say what is real."""
+
+    mem_ids: torch.Tensor
+    """(M, Ld) int64 composed documents `<|im_start|>[n]. text[n]<|im_end|>`."""
+    mem_len: torch.Tensor
+    """(M,) int64 real lengths."""
+    seq_ids: torch.Tensor
+    """(S, T) int64 prompt sequences (question or transcript, plus targets)."""
+    seq_len: torch.Tensor
+    """(S,) int64."""
+    routing: torch.Tensor
+    """(S, T) bool: routing tokens (doc_ids == 0 in the spec)."""
+    labels: torch.Tensor
+    """(S, T) int64 next-token targets aligned to positions (label[t] is predicted at t); -100 = none."""
+    positive: torch.Tensor
+    """(S,) int64 index into the memory of the document this sequence must route to; -1 = none."""
+    template: torch.Tensor
+    """(3,) int64 template head `<|im_start|>user\\n`."""
+    stage: torch.Tensor | None = None
+    """(S,) int64: 0 round 1, 1 a later hop, 2 the final (answer) round. The aux loss skips stage 2: there the
+    routing text contains the positive document itself, which teaches nothing about finding it."""
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(**{k: (v.to(device, non_blocking=True) if v is not None else None) for k, v in self.__dict__.items()})
+
+
+@dataclass
+class Output:
+    loss: torch.Tensor | None = None
+    lm_loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+    scores: list[torch.Tensor] = field(default_factory=list)
+    """Per router layer (S, M) document scores (float32)."""
+    selected: list[torch.Tensor] = field(default_factory=list)
+    """Per router layer (S, k) selected memory indices."""
+    logits: torch.Tensor | None = None
+    """(S, T, V) when requested."""
+    seq_hidden: list[torch.Tensor] = field(default_factory=list)
+    mem_hidden: list[torch.Tensor] = field(default_factory=list)
+    correct: torch.Tensor | None = None
+    """(n,) bool: teacher-forced argmax == label at each labelled position."""
+    correct_row: torch.Tensor | None = None
+    """(n,) the sequence of each labelled position."""
+
+
+def _pool(x: torch.Tensor, valid: torch.Tensor, p: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunk means over real tokens. x: (M, Hkv, Ld, D), valid (M, Ld) -> (M, Hkv, C, D), chunk_valid (M, C).
+
+    Ld is a multiple of p. The last chunk of a document is averaged over its real length (spec §3.2).
+    """
+    m, hkv, ld, d = x.shape
+    c = ld // p
+    w = valid.to(torch.float32).view(m, 1, c, p, 1)
+    s = (x.float().view(m, hkv, c, p, d) * w).sum(3)
+    n = w.sum(3)
+    return (s / n.clamp(min=1)).to(x.dtype), n.view(m, c) > 0
+
+
+def _route_scores(rq: torch.Tensor, rk: torch.Tensor, routing: torch.Tensor, chunk_valid: torch.Tensor,
+                  cosine: bool, scale: float) -> torch.Tensor:
+    """Document scores (S, M), float32.
+
+    rq: (S, H, T, D) router queries; rk: (M, Hkv, C, D) pooled router keys. Head-mean is linear, so the
+    H query heads are summed per KV group first (MSA_SPEC §4.2): one (S·T, Hkv·D) x (Hkv·D, M·C) GEMM.
+    """
+    s, h, t, d = rq.shape
+    m, hkv, c, _ = rk.shape
+    if cosine:
+        rq = F.normalize(rq.float(), dim=-1)
+        rk = F.normalize(rk.float(), dim=-1)
+    q = rq.float().view(s, hkv, h // hkv, t, d).sum(2) * (scale / h)  # (S, Hkv, T, D)
+    q = q.permute(0, 2, 1, 3).reshape(s * t, hkv * d)
+    k = rk.float().permute(0, 2, 1, 3).reshape(m * c, hkv * d)
+    raw = (q @ k.T).view(s, t, m * c)
+    raw = raw.masked_fill(~routing[:, :, None], float("-inf"))
+    per_chunk = raw.max(dim=1).values.view(s, m, c)  # max over routing tokens
+    per_chunk = per_chunk.masked_fill(~chunk_valid[None], float("-inf"))
+    return per_chunk.max(dim=2).values  # max over a document's chunks
+
+
+def _select(scores: torch.Tensor, k: int, positive: torch.Tensor | None) -> torch.Tensor:
+    """Top-k memory indices (S, k), best first; the positive replaces the k-th when it is missing."""
+    k = min(k, scores.shape[1])
+    top = scores.detach().topk(k, dim=1).indices
+    if positive is None:
+        return top
+    has = positive >= 0
+    missing = has & ~(top == positive[:, None]).any(1)
+    top[:, -1] = torch.where(missing, positive, top[:, -1])
+    return top
+
+
+@dataclass
+class Memory:
+    """Stage-1 output of M documents for every router layer (padded to C chunks), plus the template K/V."""
+
+    pooled: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
+    """layer -> (K̄ (M, Hkv, C, D), V̄ (M, Hkv, C, D), K̄ᴿ (M, Hkv, C, D), chunk_valid (M, C))."""
+    template_kv: list[tuple[torch.Tensor, torch.Tensor]]
+    """Per layer (k, v), each (1, Hkv, 3, D)."""
+    hidden: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        return next(iter(self.pooled.values()))[0].shape[0]
+
+
+def encode_template(model: MSAModel, template: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Template head `<|im_start|>user\n` alone at positions 0..2: its K/V in every layer."""
+    cfg = model.config
+    dev = template.device
+    layers = model.model.layers
+    cos, sin = rope_cos_sin(torch.arange(TEMPLATE_LEN, device=dev)[None], cfg.head_dim, cfg.rope_theta, model.dtype)
+    mask = torch.ones(TEMPLATE_LEN, TEMPLATE_LEN, dtype=torch.bool, device=dev).tril()[None, None]
+    h = model.model.embed_tokens(template.view(1, -1))
+    out = []
+    for i, layer in enumerate(layers):
+        q, k, v = layer.self_attn.qkv(layer.input_layernorm(h), cos, sin)
+        out.append((k, v))
+        if i < len(layers) - 1:
+            h = layer.finish(h, attention(q, k, v, mask))
+    return out
+
+
+def encode_memory(model: MSAModel, mem_ids: torch.Tensor, mem_len: torch.Tensor, template: torch.Tensor,
+                  *, want_hidden: bool = False) -> Memory:
+    """Stage 1: each document alone, causally, positions from 0; chunk means at router layers."""
+    cfg = model.config
+    p = cfg.chunk_size
+    dev = mem_ids.device
+    layers = model.model.layers
+    last_router = max(cfg.router_layers)
+    m, ld = mem_ids.shape
+    ld_pad = -(-ld // p) * p
+    mem_ids = F.pad(mem_ids, (0, ld_pad - ld))
+    valid = torch.arange(ld_pad, device=dev)[None] < mem_len[:, None]  # (M, Ld)
+    pos = torch.arange(ld_pad, device=dev).expand(m, ld_pad)
+    cos, sin = rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta, model.dtype)
+    mask = torch.ones(ld_pad, ld_pad, dtype=torch.bool, device=dev).tril()[None, None] & valid[:, None, None, :]
+    mask = mask | torch.eye(ld_pad, dtype=torch.bool, device=dev)[None, None]  # padded rows see themselves
+    h = model.model.embed_tokens(mem_ids)
+    mem = Memory(pooled={}, template_kv=encode_template(model, template))
+    if want_hidden:
+        mem.hidden.append(h)
+    for i, layer in enumerate(layers):
+        if i > last_router and not want_hidden:
+            break
+        x = layer.input_layernorm(h)
+        q, k, v = layer.self_attn.qkv(x, cos, sin)
+        if cfg.is_router_layer(i):
+            pk, cv = _pool(k, valid, p)
+            pv, _ = _pool(v, valid, p)
+            prk, _ = _pool(layer.self_attn.router_k(x), valid, p)
+            mem.pooled[i] = (pk, pv, prk, cv)
+        if i < last_router or want_hidden:
+            h = layer.finish(h, attention(q, k, v, mask))
+            if want_hidden:
+                mem.hidden.append(h)
+    return mem
+
+
+def _route_scores_blocked(rq: torch.Tensor, rk: torch.Tensor, routing: torch.Tensor, chunk_valid: torch.Tensor,
+                          block: int) -> torch.Tensor:
+    """_route_scores over the memory in blocks of `block` documents (inference on large banks)."""
+    return torch.cat([_route_scores(rq, rk[j : j + block], routing, chunk_valid[j : j + block], True, 1.0)
+                      for j in range(0, rk.shape[0], block)], dim=1)  # fmt: skip
+
+
+def forward(model: MSAModel, batch: Batch, *, top_k: int | None = None, force_positive: bool = True,
+            tau: float = 0.1, want_logits: bool = False, want_hidden: bool = False,
+            memory: Memory | None = None, selection: list[torch.Tensor] | None = None,
+            score_block: int = 0, want_last_logits: bool = False) -> Output:
+    """The MSA training forward (and, with force_positive=False, its exact inference counterpart).
+
+    Returns losses when labels exist: lm_loss (mean CE over labelled positions) and aux_loss (InfoNCE over
+    the whole memory, temperature `tau`, summed over router layers, mean over sequences with a positive).
+    `memory`: a precomputed stage 1 (else encoded from batch.mem_ids); `selection`: per router layer (S, k)
+    memory indices to use instead of routing (decoding re-uses the prefill's choice; spec §5).
+    """
+    cfg = model.config
+    k = top_k or cfg.top_k
+    dev = batch.seq_ids.device
+    layers = model.model.layers
+    out = Output()
+    if memory is None:
+        memory = encode_memory(model, batch.mem_ids, batch.mem_len, batch.template, want_hidden=want_hidden)
+    out.mem_hidden = memory.hidden
+    k = min(k, memory.size)
+
+    # --- stage 2: sequences over [template ; selected documents' chunks ; themselves] ---
+    s, t = batch.seq_ids.shape
+    pos0 = TEMPLATE_LEN + (top_k or cfg.top_k)
+    spos = (pos0 + torch.arange(t, device=dev)).expand(s, t)
+    scos, ssin = rope_cos_sin(spos, cfg.head_dim, cfg.rope_theta, model.dtype)
+    seq_valid = torch.arange(t, device=dev)[None] < batch.seq_len[:, None]
+    causal = torch.ones(t, t, dtype=torch.bool, device=dev).tril()[None] & seq_valid[:, None, :]
+    causal = causal | torch.eye(t, dtype=torch.bool, device=dev)[None]
+    routing = batch.routing & seq_valid
+    positive = batch.positive if force_positive else None
+    hs = model.model.embed_tokens(batch.seq_ids)
+    if want_hidden:
+        out.seq_hidden.append(hs)
+    aux_terms: list[torch.Tensor] = []
+    r = 0
+    for i, layer in enumerate(layers):
+        x = layer.input_layernorm(hs)
+        q, kk, v = layer.self_attn.qkv(x, scos, ssin)
+        tk, tv = memory.template_kv[i]
+        keys = [tk.expand(s, -1, -1, -1)]
+        vals = [tv.expand(s, -1, -1, -1)]
+        masks = [torch.ones(s, t, TEMPLATE_LEN, dtype=torch.bool, device=dev)]
+        if cfg.is_router_layer(i):
+            pk, pv, prk, cv = memory.pooled[i]
+            if selection is not None:
+                sel = selection[r]
+            else:
+                rq = layer.self_attn.router_q(x)
+                if score_block:
+                    sc = _route_scores_blocked(rq, prk, routing, cv, score_block)
+                else:
+                    sc = _route_scores(rq, prk, routing, cv, True, 1.0)
+                out.scores.append(sc)
+                sel = _select(sc, k, positive)
+                if batch.positive is not None:
+                    has = batch.positive >= 0
+                    if batch.stage is not None:
+                        has = has & (batch.stage < 2)
+                    if bool(has.any()):
+                        aux_terms.append(F.cross_entropy(sc[has] / tau, batch.positive[has]))
+            out.selected.append(sel)
+            sel_sorted = sel.sort(dim=1).values  # ascending memory order (official context order)
+            c, hkv, d = pk.shape[2], pk.shape[1], pk.shape[3]
+            gk = pk[sel_sorted].permute(0, 2, 1, 3, 4).reshape(s, hkv, -1, d)  # (S, Hkv, k*C, D)
+            gv = pv[sel_sorted].permute(0, 2, 1, 3, 4).reshape(s, hkv, -1, d)
+            gm = cv[sel_sorted].reshape(s, 1, -1).expand(s, t, sel.shape[1] * c)
+            keys.append(gk)
+            vals.append(gv)
+            masks.append(gm)
+            r += 1
+        keys.append(kk)
+        vals.append(v)
+        masks.append(causal)
+        o = attention(q, torch.cat(keys, 2), torch.cat(vals, 2), torch.cat(masks, 2)[:, None])
+        hs = layer.finish(hs, o)
+        if want_hidden:
+            out.seq_hidden.append(hs if i < len(layers) - 1 else model.model.norm(hs))
+    hs = model.model.norm(hs)
+    if want_logits:
+        out.logits = model.lm_head(hs)
+    elif want_last_logits:  # (S, V) at each sequence's last real token (greedy decoding)
+        out.logits = model.lm_head(hs[torch.arange(s, device=dev), batch.seq_len - 1]).float()
+    lab = batch.labels
+    if lab is not None and bool((lab >= 0).any()):
+        sel_pos = lab >= 0
+        logits = model.lm_head(hs[sel_pos]).float()
+        out.lm_loss = F.cross_entropy(logits, lab[sel_pos])
+        out.correct = logits.argmax(-1) == lab[sel_pos]
+        out.correct_row = sel_pos.nonzero()[:, 0]
+    if aux_terms:
+        # summed over router layers: with a mean, the first router layer (the one that must find the document
+        # from the question alone) got a quarter of the weight while later layers, which see the selected
+        # document's K/V from earlier router layers, drove the loss down on their own.
+        out.aux_loss = torch.stack(aux_terms).sum()
+    return out

@@ -1,0 +1,157 @@
+"""Training samples for every interleave step (MSA_SPEC §6), over a shared memory per step.
+
+For a question with gold documents g1 (, g2) numbered n1 (, n2):
+- round 1: question prompt (§2.2) -> target `[n1]<|object_ref_end|>`; routes to g1.
+- two-hop round 2: transcript + `[n1]. text1\\n<|object_ref_end|>` (regenerate layout, §6.4)
+  -> target `[n2]<|object_ref_end|>`; routes to g2.
+- last round: transcript with the last documents appended -> target `<End-of-Retrieve>`, then the engine's
+  hand-off `<|im_start|>The user's question is: {q}\\n<|object_ref_end|>` (no loss), then the target
+  `The answer to the question is: {answer}<|im_end|>`; routes to the last gold document.
+
+Document numbers are re-drawn every step (TRAINING_NOTES lesson 3) so the model copies them from memory.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+
+from msabank import prompt as P
+from msabank.synth import Question, World
+from msabank.train.core import Batch
+
+
+@dataclass(frozen=True)
+class Seq:
+    ids: list[int]
+    routing: list[bool]
+    labels: list[int]  # aligned: labels[t] is the token to predict at position t (-100 none)
+    positive: int  # memory index, -1 none
+    stage: int = 0  # 0 round 1 (question only routes), 1 a later hop, 2 the final round (answer)
+
+
+def _with_targets(prefix: P.Prompt, pieces: Sequence[tuple[list[int], bool]], positive: int, stage: int) -> Seq:
+    """prefix (no loss), then pieces (ids, has_loss). Labels shift by one: position t predicts ids[t+1]."""
+    ids = list(prefix.ids)
+    routing = list(prefix.routing_mask)
+    loss_on = [False] * len(ids)
+    for piece, has_loss in pieces:
+        ids += piece
+        routing += [False] * len(piece)
+        loss_on += [has_loss] * len(piece)
+    labels = [-100] * len(ids)
+    for t in range(len(ids) - 1):
+        if loss_on[t + 1]:
+            labels[t] = ids[t + 1]
+    return Seq(ids, routing, labels, positive, stage)
+
+
+def question_sequences(tok: P.Tokenizer, q: Question, numbers: Sequence[int], texts: Sequence[str],
+                       mem_index: Sequence[int]) -> list[Seq]:
+    """The interleave steps of one question. numbers/texts/mem_index: per gold document, in hop order."""
+    ore = [tok.object_ref_end_id]
+    first = P.question_prompt(tok, q.question)
+    transcript = list(first.ids)
+    out: list[Seq] = []
+    current = first
+    for hop in range(len(numbers)):
+        target = tok.encode(f"[{numbers[hop]}]") + ore
+        out.append(_with_targets(current, [(target, True)], mem_index[hop], min(hop, 1)))
+        transcript += target + P.injection_ids(tok, [(numbers[hop], texts[hop])])
+        current = P.regenerate_prompt(tok, transcript)
+    end = tok.encode(P.END_OF_RETRIEVE)
+    answer = tok.encode(f"{P.ANSWER_PREFIX} {q.answer}") + [tok.im_end_id]
+    out.append(_with_targets(current, [(end, True), (P.restatement_ids(tok, q.question), False), (answer, True)],
+                             mem_index[-1], 2))
+    return out
+
+
+def draw_numbers(rng: random.Random, count: int, max_digits: int = 6) -> list[int]:
+    """`count` distinct document numbers, digit lengths uniform in 1..max_digits (small banks have short ids)."""
+    seen: set[int] = set()
+    out: list[int] = []
+    while len(out) < count:
+        d = rng.randint(1, max_digits)
+        n = rng.randrange(0 if d == 1 else 10 ** (d - 1), 10**d)
+        if n not in seen:
+            seen.add(n)
+            out.append(n)
+    return out
+
+
+def make_batch(tok: P.Tokenizer, world: World, rng: random.Random, *, questions: int, memory: int,
+               kinds: Sequence[str] = ("single", "single", "twohop", "twohop", "needle"),
+               max_doc_tokens: int = 256, renumber: bool = True) -> Batch:
+    """One step: `questions` questions over a memory of `memory` documents (their gold ones inside)."""
+    qs: list[Question] = []
+    while len(qs) < questions:
+        want = kinds[rng.randrange(len(kinds))]
+        n = rng.randrange(world.num_docs)
+        if (want == "needle") != world.is_needle(n):
+            continue
+        q = world.question(n, rng, two_hop=want == "twohop")
+        if q is not None:
+            qs.append(q)
+    mem_docs: dict[int, int] = {}  # world doc -> memory index
+    for q in qs:
+        for g in q.gold:
+            mem_docs.setdefault(g, len(mem_docs))
+    while len(mem_docs) < max(memory, len(mem_docs)) and len(mem_docs) < world.num_docs:
+        mem_docs.setdefault(rng.randrange(world.num_docs), len(mem_docs))
+    order = list(mem_docs)
+    numbers = draw_numbers(rng, len(order)) if renumber else order
+    num_of = dict(zip(order, numbers))
+    texts = {d: world.document(d).text for d in order}
+    mem = [P.document_ids(tok, num_of[d], texts[d])[:max_doc_tokens] for d in order]
+    seqs: list[Seq] = []
+    for q in qs:
+        seqs += question_sequences(tok, q, [num_of[g] for g in q.gold], [texts[g] for g in q.gold],
+                                   [mem_docs[g] for g in q.gold])
+    return collate(tok, mem, seqs)
+
+
+def collate(tok: P.Tokenizer, mem: Sequence[Sequence[int]], seqs: Sequence[Seq]) -> Batch:
+    ld = max(len(x) for x in mem)
+    mem_ids = torch.zeros(len(mem), ld, dtype=torch.long)
+    for i, x in enumerate(mem):
+        mem_ids[i, : len(x)] = torch.tensor(x)
+    t = max(len(s.ids) for s in seqs)
+    seq_ids = torch.zeros(len(seqs), t, dtype=torch.long)
+    routing = torch.zeros(len(seqs), t, dtype=torch.bool)
+    labels = torch.full((len(seqs), t), -100, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        seq_ids[i, : len(s.ids)] = torch.tensor(s.ids)
+        routing[i, : len(s.ids)] = torch.tensor(s.routing)
+        labels[i, : len(s.ids)] = torch.tensor(s.labels)
+    return Batch(
+        mem_ids=mem_ids, mem_len=torch.tensor([len(x) for x in mem]), seq_ids=seq_ids,
+        seq_len=torch.tensor([len(s.ids) for s in seqs]), routing=routing, labels=labels,
+        positive=torch.tensor([s.positive for s in seqs]),
+        template=torch.tensor(P.template_parts(tok).head), stage=torch.tensor([s.stage for s in seqs]),
+    )  # fmt: skip
+
+
+class StepStream(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
+    """Endless batches from training worlds; each DataLoader worker draws from its own seeds."""
+
+    def __init__(self, tokenizer_json: bytes, *, seed: int, world_docs: int, questions: int, memory: int,
+                 kinds: Sequence[str] = ("single", "single", "twohop", "twohop", "needle")) -> None:
+        self.tokenizer_json, self.seed, self.world_docs = tokenizer_json, seed, world_docs
+        self.questions, self.memory, self.kinds = questions, memory, tuple(kinds)
+
+    def __iter__(self) -> Iterator[Batch]:
+        from tokenizers import Tokenizer as HF
+
+        info = torch.utils.data.get_worker_info()
+        wid = info.id if info is not None else 0
+        tok = P.Tokenizer(HF.from_str(self.tokenizer_json.decode()))
+        rng = random.Random(self.seed * 1000 + wid)
+        step = 0
+        while True:
+            # a fresh world every 50 steps: names, attributes and layouts keep changing
+            world = World(seed=self.seed * 100_000 + wid * 1000 + step // 50, num_docs=self.world_docs)
+            yield make_batch(tok, world, rng, questions=self.questions, memory=self.memory, kinds=self.kinds)
+            step += 1

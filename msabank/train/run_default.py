@@ -1,0 +1,82 @@
+"""Train (or continue training) the embedded default model and evaluate it: the GPU recipe.
+
+    python -m msabank.train.run_default --out OUT/ckpt --budget 480 [--init DIR] [--eval-tokens 16000,1000000]
+
+Writes OUT/ckpt (checkpoint), OUT/train_log.jsonl and OUT/eval.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--budget", type=float, default=480.0, help="training seconds")
+    ap.add_argument("--init", default=None, help="checkpoint to continue from (else a new model)")
+    ap.add_argument("--tokenizer", default=str(Path(__file__).resolve().parents[1] / "default_model" / "tokenizer.json"))
+    ap.add_argument("--tiny", action="store_true", help="tiny model for a CPU dry run")
+    ap.add_argument("--steps", type=int, default=10**9)
+    ap.add_argument("--questions", type=int, default=64)
+    ap.add_argument("--memory", type=int, default=256)
+    ap.add_argument("--workers", type=int, default=10)
+    ap.add_argument("--lr", type=float, default=1.5e-3)
+    ap.add_argument("--lr-warmup", type=float, default=2e-3)
+    ap.add_argument("--warmup-frac", type=float, default=0.15)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--eval-tokens", default="16000,131072")
+    ap.add_argument("--eval-questions", type=int, default=300)
+    ap.add_argument("--chunk-size", type=int, default=16)
+    ap.add_argument("--force-every", type=int, default=2)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+
+    from msabank.evaluate import EVAL_SEED_BASE, evaluate
+    from msabank.model import load_model
+    from msabank.prompt import Tokenizer
+    from msabank.train.loop import TrainConfig, default_model_config, new_model, save, train
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    out = Path(args.out)
+    root = out.parent
+    root.mkdir(parents=True, exist_ok=True)
+    if args.init:
+        model = load_model(args.init, device=dev, dtype=torch.float32)
+        tok = model.tokenizer
+    else:
+        tok = Tokenizer.from_file(args.tokenizer)
+        if args.tiny:
+            cfg = default_model_config(tok.vocab_size, layers=4, hidden=64, heads=4, kv_heads=2, head_dim=16,
+                                       intermediate=128, router_layers=(2, 3), chunk_size=args.chunk_size)
+        else:
+            cfg = default_model_config(tok.vocab_size, chunk_size=args.chunk_size)
+        model = new_model(cfg, tok, seed=args.seed)
+    n_params = sum(p.numel() for p in model.parameters())
+    logging.info("model params %d on %s", n_params, dev)
+    log_fh = (root / "train_log.jsonl").open("a")
+    tc = TrainConfig(out_dir=str(out), steps=args.steps, time_budget_s=args.budget, questions=args.questions,
+                     memory=args.memory, seed=args.seed, lr=args.lr, lr_warmup=args.lr_warmup,
+                     warmup_frac=args.warmup_frac, workers=args.workers, device=dev, log_every=25,
+                     force_every=args.force_every)
+    t0 = time.time()
+    train(model, tok, tc, on_log=lambda row: (log_fh.write(json.dumps(row) + "\n"), log_fh.flush()))
+    logging.info("trained %.0f s", time.time() - t0)
+    model.eval()
+    results = {"params": n_params, "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "evals": []}
+    for i, tokens in enumerate(int(x) for x in args.eval_tokens.split(",") if x):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev == "cuda"):
+            r = evaluate(model, tokens=tokens, seed=EVAL_SEED_BASE + i, questions=args.eval_questions, batch=100)
+        results["evals"].append(r)
+        (root / "eval.json").write_text(json.dumps(results, indent=1))
+        logging.info("eval %s", json.dumps(r))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""The trainer on CPU: interleave-step samples follow MSA_SPEC §6, and a tiny model learns on a tiny corpus."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from msabank import prompt as P
+from msabank.synth import World
+from msabank.train import default_model_path
+
+
+def _tok() -> P.Tokenizer:
+    return P.Tokenizer.from_file(default_model_path() / "tokenizer.json")
+
+
+def test_shipped_tokenizer_meets_the_protocol():
+    from tokenizers import Tokenizer
+
+    from msabank.train.tokenizer import check_tokenizer
+
+    check_tokenizer(Tokenizer.from_file(str(default_model_path() / "tokenizer.json")))
+    tok = _tok()
+    assert len(P.template_parts(tok).head) == 3
+
+
+def test_samples_for_each_interleave_step():
+    from msabank.synth import Question
+    from msabank.train.data import question_sequences
+
+    tok = _tok()
+    q = Question("Who is the mayor of the town where Ann Bee was born?", "Cy Dee", (0, 1), 2, "twohop:birthplace.mayor")
+    seqs = question_sequences(tok, q, [42, 7], ["Ann Bee comes from Eton.", "The mayor of Eton is Cy Dee."], [3, 5])
+    labels = [tok.decode([x for x in s.labels if x >= 0]) for s in seqs]
+    assert labels == ["[42]<|object_ref_end|>", "[7]<|object_ref_end|>",
+                      "<End-of-Retrieve>The answer to the question is: Cy Dee<|im_end|>"]
+    assert [s.positive for s in seqs] == [3, 5, 5] and [s.stage for s in seqs] == [0, 1, 2]
+    last = tok.decode(seqs[2].ids)
+    assert last.startswith(P.QUESTION_HEAD + q.question + P.QUESTION_TAIL + "<|im_end|>\n<|im_start|>[42]")
+    assert "[42]. Ann Bee comes from Eton.\n<|object_ref_end|>[7]<|object_ref_end|>[7]. The mayor" in last
+    assert "<End-of-Retrieve><|im_start|>The user's question is: " + q.question + "\n<|object_ref_end|>" in last
+    # round 2 routes on the question block and on the document injected in round 1 only
+    routed = tok.decode([x for x, r in zip(seqs[1].ids, seqs[1].routing) if r])
+    assert routed.endswith("Please return all documents related to the question[42]. Ann Bee comes from Eton.\n")
+
+
+def test_tiny_model_learns_routing_and_targets():
+    from msabank.train.core import forward
+    from msabank.train.data import make_batch
+    from msabank.train.loop import default_model_config, new_model
+
+    tok = _tok()
+    torch.manual_seed(0)
+    cfg = default_model_config(tok.vocab_size, layers=3, hidden=64, heads=4, kv_heads=2, head_dim=16,
+                               intermediate=128, router_layers=(1, 2))
+    model = new_model(cfg, tok)
+    batch = make_batch(tok, World(seed=3, num_docs=500), random.Random(0), questions=4, memory=12, max_doc_tokens=96)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(30):
+        out = forward(model, batch, force_positive=False)
+        loss = out.lm_loss + out.aux_loss
+        first = first or (out.lm_loss.item(), out.aux_loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        out = forward(model, batch, force_positive=False)
+    rows = (batch.stage < 2) & (batch.positive >= 0)
+    recall = float((out.scores[-1].argmax(1)[rows] == batch.positive[rows]).float().mean())
+    assert float(out.lm_loss) < 0.5 * first[0]
+    assert float(out.aux_loss) < 0.5 * first[1]
+    assert recall >= 0.8
+
+
+def test_default_model_loads_and_saves(tmp_path):
+    from msabank.model import load_model
+    from msabank.train.loop import save
+
+    m = load_model(default_model_path())
+    assert m.config.top_k == 1 and m.config.routing_rule == "cosine" and m.config.chunk_size == 16
+    assert sum(p.numel() for p in m.parameters()) < 10_000_000
+    save(m, m.tokenizer, tmp_path / "ck")
+    m2 = load_model(tmp_path / "ck")
+    assert torch.equal(m2.model.layers[4].self_attn.router_q_proj[0].weight, m.model.layers[4].self_attn.router_q_proj[0].weight)
+
+
+def test_evaluator_matches_the_engine(tmp_path):
+    """The trainer's inference path (msabank.evaluate) and msabank.engine agree token for token: what the
+    trainer optimises is what the engine serves."""
+    from msabank.engine import Engine
+    from msabank.evaluate import EVAL_SEED_BASE, build_bank, run_protocol
+    from msabank.model import load_model
+
+    world = World(seed=EVAL_SEED_BASE + 7, num_docs=16)
+    qs = world.questions(3)
+    model = load_model(default_model_path())
+    memory, _ = build_bank(model, world)
+    mine = run_protocol(model, memory, world, qs, batch=3, max_new=24)
+    with Engine.create(tmp_path / "bank", None, dtype="float32", device="cpu") as eng:
+        eng.ingest([(f"doc-{n}", world.document(n).text) for n in range(world.num_docs)])
+        for run, q in zip(mine, qs):
+            a = eng.ask(q.question, max_new_tokens=24)
+            assert a.answer == run.answer
+            assert [r.requested for r in a.rounds if r.requested] == [n for n in run.named if n]
+            assert a.rounds[0].documents[0].number == run.selected_r1[0][0]
