@@ -97,12 +97,15 @@ class ShardedRoutingIndex:
         except RuntimeError as err:
             raise self._fail(what, err) from err
         if timed:
-            ev = torch.cuda.Event()
-            ev.record()
-            deadline = time.monotonic() + self.timeout.total_seconds()
-            while not ev.query():
-                if time.monotonic() > deadline:
-                    raise self._fail(what, f"timed out after {self.timeout}")
+            self._spin(torch.cuda.current_stream(self.comm_device), what)
+
+    def _spin(self, stream: Any, what: str) -> None:
+        ev = torch.cuda.Event()
+        ev.record(stream)
+        deadline = time.monotonic() + self.timeout.total_seconds()
+        while not ev.query():
+            if time.monotonic() > deadline:
+                raise self._fail(what, f"timed out after {self.timeout}")
 
     def search_padded(
         self, layer_index: int, query: torch.Tensor | None, k: int, *, replicated: bool = False
@@ -124,9 +127,18 @@ class ShardedRoutingIndex:
         s, i = routing_topk(q.to(self.local.device), keys, row_doc, num_docs, k, impl=self.local.impl, pad=True)
         mine = torch.stack([s.double(), i.double()], dim=1).to(self.comm_device)  # (k, 2); numbers < 2^53 exact
         parts = [torch.empty_like(mine) for _ in range(self.world_size)]
-        self._wait(dist.all_gather(parts, mine, group=self.group, async_op=True), "candidate all_gather", timed=True)
+        work = dist.all_gather(parts, mine, group=self.group, async_op=True)
+        if gloo:
+            self._wait(work, "candidate all_gather", timed=True)
+            cand = torch.cat(parts)
+            return topk_ordered_padded(cand[:, 0].float(), cand[:, 1].long(), k)
+        self._wait(work, "candidate all_gather", timed=False)
         cand = torch.cat(parts)  # (world·k, 2), rank order
-        return topk_ordered_padded(cand[:, 0].float(), cand[:, 1].long(), k)
+        out = topk_ordered_padded(cand[:, 0].float(), cand[:, 1].long(), k)
+        # The host waits once per layer, after the merge is queued, so the GPU is idle only while the
+        # next layer's launches are issued; a dead rank surfaces here as DistributedError.
+        self._spin(torch.cuda.current_stream(self.comm_device), "candidate all_gather")
+        return out
 
     def _broadcast_query(self, layer_index: int, query: torch.Tensor | None, k: int, is_src: bool, gloo: bool) -> torch.Tensor:
         header = torch.zeros(4, dtype=torch.int64, device=self.comm_device)
