@@ -19,10 +19,12 @@ class What(str, Enum):
     fetch = "fetch"
     all = "all"
     storage = "storage"
+    lifecycle = "lifecycle"
 
 
 def bench(
-    what: What = typer.Argument(..., help="routing, fetch, all (routing + fetch) or storage."),
+    what: What = typer.Argument(..., help="routing, fetch, all (routing + fetch), storage, or lifecycle (ingest tokens/s, ask latency by "
+                    "stage, update-to-visible time, with the embedded model or --model)."),
     out: Path = typer.Option(Path("bench-out"), "--out", envvar="OUT", help="Folder for bench_*.json and the plot."),
     sizes: str = typer.Option("1M,10M,100M", "--sizes", help="Synthetic bank sizes in tokens (MSA-4B geometry)."),
     q_tokens: str = typer.Option("64,512", "--q-tokens", help="Routing-query lengths in tokens."),
@@ -33,12 +35,30 @@ def bench(
     device: Optional[str] = typer.Option(None, "--device", help="torch device (default: cuda if available)."),
     sweep: bool = typer.Option(True, "--sweep/--no-sweep", help="Sweep scan tile configs on this card first."),
     memory_parallel: bool = typer.Option(False, "--memory-parallel", help="Time the NCCL path even for --gpus 1."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="lifecycle: checkpoint (default: embedded)."),
+    docs: int = typer.Option(2000, "--docs", help="lifecycle: synthetic documents to ingest."),
 ) -> None:
     """Benchmark routing (latency per question vs bank size, against measured floors) and content fetch."""
     from msabank.bench import parse_tokens, run
     from msabank.cli._render import err_console, out_console
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if what is What.lifecycle:
+        import json
+
+        from msabank.bench_lifecycle import run_lifecycle_bench
+
+        out.mkdir(parents=True, exist_ok=True)
+        res = run_lifecycle_bench(model=model, docs=docs, device=device)
+        (out / "bench_lifecycle.json").write_text(json.dumps(res, indent=2))
+        i, a, u = res["ingest"], res["ask"], res["update_to_visible"]
+        out_console.print(f"lifecycle on {res['device']} ({res['model_dtype']}): ingest {i['tokens']} tokens at "
+                          f"{i['tokens_per_s']:,.0f} tok/s; index load {res['index_load_s'] * 1000:.0f} ms")
+        out_console.print("ask (median ms): " + ", ".join(f"{k} {a[k] * 1000:.1f}" for k in
+                          ("refresh", "route", "fetch", "prefill", "decode", "total")) + f"; rounds {a['rounds']}")
+        out_console.print(f"update: commit {u['commit_s'] * 1000:.0f} ms, index refresh {u['refresh_s'] * 1000:.1f} ms, "
+                          f"commit→answer {u['commit_to_answer_s'] * 1000:.0f} ms")
+        return
     if what is What.storage:
         from msabank.storage.bench import run_storage_bench
 
