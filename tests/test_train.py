@@ -74,6 +74,34 @@ def test_tiny_model_learns_routing_and_targets():
     assert recall >= 0.8
 
 
+def test_lm_loss_skips_number_targets_of_unselected_documents():
+    """lm_only_routed: a `[n]` target (stage < 2) counts only when some router layer selected its document;
+    final-round targets (answer read from the appended text) always count; accuracy covers every target."""
+    import torch.nn.functional as F
+
+    from msabank.train.core import forward
+    from msabank.train.data import make_batch
+    from msabank.train.loop import default_model_config, new_model
+
+    tok = _tok()
+    cfg = default_model_config(tok.vocab_size, layers=3, hidden=64, heads=4, kv_heads=2, head_dim=16,
+                               intermediate=128, router_layers=(1, 2))
+    model = new_model(cfg, tok)
+    batch = make_batch(tok, World(seed=3, num_docs=500), random.Random(0), questions=4, memory=12, max_doc_tokens=96)
+    pos = batch.positive.clamp(min=0)[:, None]
+    right = [pos, pos]
+    wrong = [(pos + 1) % 12, (pos + 1) % 12]
+    with torch.no_grad():
+        full = forward(model, batch, selection=right, want_logits=True)
+        same = forward(model, batch, selection=right, lm_only_routed=True)
+        cut = forward(model, batch, selection=wrong, lm_only_routed=True, want_logits=True)
+    assert torch.allclose(full.lm_loss, same.lm_loss)
+    keep = (batch.labels >= 0) & (batch.stage[:, None] == 2)
+    expect = F.cross_entropy(cut.logits[keep].float(), batch.labels[keep])
+    assert torch.allclose(cut.lm_loss, expect, atol=1e-5)
+    assert cut.correct is not None and cut.correct.numel() == int((batch.labels >= 0).sum())
+
+
 def test_default_model_loads_and_saves(tmp_path):
     from msabank.model import load_model
     from msabank.train.loop import save

@@ -197,13 +197,17 @@ def _route_scores_blocked(rq: torch.Tensor, rk: torch.Tensor, routing: torch.Ten
 def forward(model: MSAModel, batch: Batch, *, top_k: int | None = None, force_positive: bool = True,
             tau: float = 0.1, want_logits: bool = False, want_hidden: bool = False,
             memory: Memory | None = None, selection: list[torch.Tensor] | None = None,
-            score_block: int = 0, want_last_logits: bool = False) -> Output:
+            score_block: int = 0, want_last_logits: bool = False, lm_only_routed: bool = False) -> Output:
     """The MSA training forward (and, with force_positive=False, its exact inference counterpart).
 
     Returns losses when labels exist: lm_loss (mean CE over labelled positions) and aux_loss (InfoNCE over
     the whole memory, temperature `tau`, summed over router layers, mean over sequences with a positive).
     `memory`: a precomputed stage 1 (else encoded from batch.mem_ids); `selection`: per router layer (S, k)
     memory indices to use instead of routing (decoding re-uses the prefill's choice; spec §5).
+    `lm_only_routed`: the LM loss skips the targets of sequences with stage < 2 (their target is the positive's
+    `[n]`) whose positive no router layer selected: the number is then nowhere in the model's input, and the
+    loss could only teach it to guess a frequent number instead of copying one (out.correct still covers all
+    targets, so teacher-forced accuracy stays comparable).
     """
     cfg = model.config
     k = top_k or cfg.top_k
@@ -281,9 +285,21 @@ def forward(model: MSAModel, batch: Batch, *, top_k: int | None = None, force_po
     if lab is not None and bool((lab >= 0).any()):
         sel_pos = lab >= 0
         logits = model.lm_head(hs[sel_pos]).float()
-        out.lm_loss = F.cross_entropy(logits, lab[sel_pos])
         out.correct = logits.argmax(-1) == lab[sel_pos]
         out.correct_row = sel_pos.nonzero()[:, 0]
+        keep = None
+        if lm_only_routed and batch.positive is not None and out.selected:
+            routed = torch.stack([(sel == batch.positive[:, None]).any(1) for sel in out.selected]).any(0)
+            unseen = (batch.positive >= 0) & ~routed
+            if batch.stage is not None:
+                unseen = unseen & (batch.stage < 2)
+            keep = ~unseen[out.correct_row]
+        if keep is None:
+            out.lm_loss = F.cross_entropy(logits, lab[sel_pos])
+        elif bool(keep.any()):
+            out.lm_loss = F.cross_entropy(logits[keep], lab[sel_pos][keep])
+        else:
+            out.lm_loss = logits.sum() * 0.0
     if aux_terms:
         # summed over router layers: with a mean, the first router layer (the one that must find the document
         # from the question alone) got a quarter of the weight while later layers, which see the selected

@@ -92,6 +92,9 @@ class TrainConfig:
     """Phase 2 forces the positive into the selection on every `force_every`-th step (1 = always, 0 = never).
     Phase 1 never forces: with k=1 a forced document leaks the label into later router layers (they see its
     K/V), so only unforced steps make every router layer find the document from the question itself."""
+    lm_only_routed: bool = True
+    """On unforced steps, no LM loss on `[n]` targets whose document no router layer selected (core.forward):
+    the number is not in the input there, so the loss only taught guessing (run 2 lost copying that way)."""
 
 
 def _lr(tc: TrainConfig, progress: float) -> tuple[float, bool]:
@@ -133,7 +136,7 @@ def train(model: MSAModel, tokenizer: Tokenizer, tc: TrainConfig,
         batch = batch.to(dev)
         force = not warm and tc.force_every > 0 and step % tc.force_every == 0
         with amp:
-            out = forward(model, batch, tau=tc.tau, force_positive=force)
+            out = forward(model, batch, tau=tc.tau, force_positive=force, lm_only_routed=tc.lm_only_routed)
         lm = out.lm_loss if out.lm_loss is not None else torch.zeros((), device=dev)
         aux = out.aux_loss if out.aux_loss is not None else torch.zeros((), device=dev)
         loss = 0.1 * lm + aux if warm else lm + 0.1 * aux
@@ -175,6 +178,11 @@ def _metrics(out: Any, batch: Any) -> dict[str, float]:
         s = batch.seq_ids.shape[0]
         wrong = torch.zeros(s, device=out.correct.device).index_add_(0, out.correct_row, (~out.correct).float())
         m["target_exact"] = float((wrong == 0).float().mean())
+        if batch.stage is not None:  # round-1 `[n]` copying and the final round (reading the appended text)
+            for name, st in (("target_exact_r1", 0), ("target_exact_final", 2)):
+                rows = batch.stage == st
+                if bool(rows.any()):
+                    m[name] = float((wrong[rows] == 0).float().mean())
     return m
 
 

@@ -35,7 +35,23 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--eval-questions", type=int, default=300)
     ap.add_argument("--chunk-size", type=int, default=16)
     ap.add_argument("--force-every", type=int, default=2)
+    ap.add_argument("--log-every", type=int, default=25)
+    ap.add_argument("--kinds", default="single,single,twohop,twohop,needle",
+                    help="question kinds drawn uniformly from this list (repeat a kind to weight it)")
+    ap.add_argument("--keep-unrouted-lm", action="store_true",
+                    help="LM loss also on [n] targets whose document was not selected (runs 1-2 did this)")
+    ap.add_argument("--eval-seeds", default="",
+                    help="eval world seed offsets, one per --eval-tokens entry (default 0,1,2,...); "
+                         "docs/eval.md's banks: 16000->0, 131072->1, 1000000->2, 10000000->3")
     args = ap.parse_args(argv)
+    # argument checks before any training time is spent
+    kinds = tuple(k for k in args.kinds.split(",") if k)
+    if not kinds or set(kinds) - {"single", "twohop", "needle"}:
+        raise SystemExit(f"--kinds takes single, twohop and needle, got {args.kinds!r}")
+    sizes = [int(x) for x in args.eval_tokens.split(",") if x]
+    offsets = [int(x) for x in args.eval_seeds.split(",") if x] or list(range(len(sizes)))
+    if len(offsets) != len(sizes):
+        raise SystemExit("--eval-seeds needs one offset per --eval-tokens entry")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
     from msabank.evaluate import EVAL_SEED_BASE, evaluate
@@ -63,16 +79,17 @@ def main(argv: list[str] | None = None) -> None:
     log_fh = (root / "train_log.jsonl").open("a")
     tc = TrainConfig(out_dir=str(out), steps=args.steps, time_budget_s=args.budget, questions=args.questions,
                      memory=args.memory, seed=args.seed, lr=args.lr, lr_warmup=args.lr_warmup,
-                     warmup_frac=args.warmup_frac, workers=args.workers, device=dev, log_every=25,
-                     force_every=args.force_every)
+                     warmup_frac=args.warmup_frac, workers=args.workers, device=dev, log_every=args.log_every,
+                     force_every=args.force_every, kinds=kinds,
+                     lm_only_routed=not args.keep_unrouted_lm)
     t0 = time.time()
     train(model, tok, tc, on_log=lambda row: (log_fh.write(json.dumps(row) + "\n"), log_fh.flush()))
     logging.info("trained %.0f s", time.time() - t0)
     model.eval()
     results = {"params": n_params, "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "evals": []}
-    for i, tokens in enumerate(int(x) for x in args.eval_tokens.split(",") if x):
+    for tokens, off in zip(sizes, offsets):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev == "cuda"):
-            r = evaluate(model, tokens=tokens, seed=EVAL_SEED_BASE + i, questions=args.eval_questions, batch=100)
+            r = evaluate(model, tokens=tokens, seed=EVAL_SEED_BASE + off, questions=args.eval_questions, batch=100)
         results["evals"].append(r)
         (root / "eval.json").write_text(json.dumps(results, indent=1))
         logging.info("eval %s", json.dumps(r))
