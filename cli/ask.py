@@ -17,7 +17,7 @@ def render_answer(ans, *, show_transcript: bool = False) -> None:  # noqa: ANN00
     for r in ans.rounds:
         docs = ", ".join(f"{h.id}[{h.number}] {h.score:.3f}/{len(h.layers)}L" for h in r.documents[:6])
         more = f" +{len(r.documents) - 6}" if len(r.documents) > 6 else ""
-        line = f"  round {r.index}: routed {docs}{more}"
+        line = f"  round {r.index}: routed {docs or 'nothing (empty bank)'}{more}"
         if r.requested:
             line += f" → model named {', '.join(f'[{n}]' for n in r.requested)}"
         if r.injected:

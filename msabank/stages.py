@@ -364,7 +364,8 @@ def _prefill(
                 if on_route:
                     on_route(s, r, sel)
                 nums = sorted(int(n) for n in sel.numbers)
-                ck, cv = memory.content_kv(r, nums) if nums else (k.new_empty(0, 0, 0), v.new_empty(0, 0, 0))
+                empty = k.new_empty(0, cfg.num_kv_heads, cfg.head_dim)  # (C_sel=0, Hkv, D): an empty bank or no routing tokens
+                ck, cv = memory.content_kv(r, nums) if nums else (empty, empty)
                 chunks.append((ck.to(dev, dt), cv.to(dev, dt)))  # (C_s, Hkv, D)
         c_max = max((ck.shape[0] for ck, _ in chunks), default=0)
         p0 = t0 + c_max

@@ -153,3 +153,10 @@ def test_document_text_cannot_inject_control_tokens(tmp_path: Path, golden: Path
     assert [ids[i] for i in injected] == tok.encode(f"[{rec.number}]. {evil}\n")
     assert not specials & {ids[i] for i in injected}, "document text produced a control token"
     assert ids[injected[-1] + 1] == tok.object_ref_end_id and ids[injected[-1] + 2:] == []
+
+
+def test_empty_bank_answers_without_memory(tmp_path: Path, golden: Path) -> None:
+    with Engine.create(tmp_path / "empty", golden / "tiny-msa") as eng:
+        assert eng.retrieve("anything?") == []
+        ans = eng.ask("anything?", max_new_tokens=3, max_rounds=1)
+        assert ans.rounds[0].documents == [] and len(ans.rounds[0].tokens) >= 1
