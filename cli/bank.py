@@ -140,8 +140,13 @@ def ls(bank: Path = BankArg, limit: int = typer.Option(0, "--limit", help="Show 
     table = Table("id", "number", "version", "tokens", "chunks", "text")
     for r in recs:
         table.add_row(r.user_id, str(r.number), str(r.version), str(r.n_tokens), str(r.num_chunks),
-                      (r.text[:60] + "…") if len(r.text) > 60 else r.text)
+                      _preview(r.text))
     out_console.print(table)
+
+
+def _preview(text: str, width: int = 60) -> str:
+    flat = " ".join(text.split())
+    return flat[:width] + "…" if len(flat) > width else flat
 
 
 def show(bank: Path = BankArg, doc_id: str = typer.Argument(..., help="The document's id."),

@@ -20,7 +20,7 @@ import torch
 
 from msabank import prompt as P
 from msabank import stages
-from msabank.errors import BankNotFoundError, ConfigError, DocumentNotFoundError, InputError
+from msabank.errors import BankExistsError, BankNotFoundError, ConfigError, DocumentNotFoundError, InputError
 from msabank.index import ContentStore, RoutingIndex
 from msabank.model import MSAModel, load_model
 from msabank.storage.bank import Bank, Snapshot
@@ -206,6 +206,9 @@ class Engine:
                device: str | None = None) -> Engine:
         """Create a new bank at `path` bound to `model` (a checkpoint directory; None: the default)."""
         path = Path(path)
+        if path.exists():
+            raise BankExistsError(f"{path} already exists",
+                                  hint="ingest into or ask the bank that is there, or pick another path")
         mpath = resolve_model_path(model)
         m = load_model(mpath, device=pick_device(device))
         cfg = m.config
