@@ -8,6 +8,7 @@ callback.
 
 from __future__ import annotations
 
+import builtins
 import json
 import logging
 import re
@@ -192,7 +193,7 @@ class Engine:
         self.bank = bank
         self.model = model
         self.path = path
-        self.tokenizer: P.Tokenizer = model.tokenizer
+        self.tokenizer: P.Tokenizer = _tokenizer(model)
         self._template = stages.template_prefix(model)
         self._index_device = index_device or model.device
         self._index: RoutingIndex | None = None
@@ -215,7 +216,7 @@ class Engine:
         storage_dtype = dtype or _dtype_name(cfg.torch_dtype)
         geometry = Geometry(
             num_router_layers=len(cfg.router_layers), num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads,
-            head_dim=cfg.head_dim, chunk_size=cfg.chunk_size, template_len=len(P.template_parts(m.tokenizer).head),
+            head_dim=cfg.head_dim, chunk_size=cfg.chunk_size, template_len=len(P.template_parts(_tokenizer(m)).head),
             dtype=storage_dtype,  # type: ignore[arg-type]
         )
         tk, tv = stages.template_prefix(m)
@@ -403,7 +404,7 @@ class Engine:
         assert self._index is not None and self._content is not None
         return BankMemory(self._index, self._content, self.model.config.top_k)
 
-    def _hits(self, snap: Snapshot, routed: Sequence[Routed]) -> list[Hit]:
+    def _hits(self, snap: Snapshot, routed: Sequence[Routed]) -> builtins.list[Hit]:
         by_number: dict[int, dict[int, float]] = {}
         for r, sel in enumerate(routed):
             layer = self.model.config.router_layers[r]
@@ -412,7 +413,7 @@ class Engine:
         hits = [Hit(snap.user_id(n), n, max(ls.values()), ls) for n, ls in by_number.items()]
         return sorted(hits, key=lambda h: (-h.score, h.number))
 
-    def retrieve(self, question: str) -> list[Hit]:
+    def retrieve(self, question: str) -> builtins.list[Hit]:
         """Route the question alone (round 1) and return the documents the router layers selected."""
         q = _check_question(question)
         with self.bank.snapshot() as snap:
@@ -453,7 +454,6 @@ class Engine:
         rounds: list[Round] = []
         stop_ids = [tok.object_ref_end_id, *self.model.stop_ids]
         gen_t: dict[str, float] = {}
-        sampling = dict(temperature=temperature, top_p=top_p, seed=seed, template=self._template, timings=gen_t)
         finish, answer_text = "round_limit", ""
         for r in range(max_rounds + 1):
             t_round = time.perf_counter()
@@ -465,7 +465,8 @@ class Engine:
                 finish = "token_budget"
                 break
             gen = stages.generate(self.model, transcript, mem, routing_mask=mask, max_new_tokens=budget,
-                                  stop_ids=stop_ids, stop_text=P.END_OF_RETRIEVE, **sampling)
+                                  stop_ids=stop_ids, stop_text=P.END_OF_RETRIEVE, temperature=temperature,
+                                  top_p=top_p, seed=seed, template=self._template, timings=gen_t)
             out = gen.tokens[0]
             text = tok.decode(out)
             hits = self._hits(snap, gen.routed[0])
@@ -480,7 +481,9 @@ class Engine:
                 if budget >= 1:
                     ans = stages.generate(self.model, transcript, ReplayMemory(mem, gen.routed[0]),
                                           routing_mask=mask + [False] * (len(transcript) - len(mask)),
-                                          max_new_tokens=budget, stop_ids=self.model.stop_ids, **sampling)
+                                          max_new_tokens=budget, stop_ids=self.model.stop_ids,
+                                          temperature=temperature, top_p=top_p, seed=seed, template=self._template,
+                                          timings=gen_t)
                     transcript += ans.tokens[0]
                     atext = tok.decode(ans.tokens[0])
                 rounds.append(Round(r, hits, text + tok.decode(handoff) + atext, out, [], [], time.perf_counter() - t_round))
@@ -548,7 +551,7 @@ def checkpoint_fingerprint(model_dir: Path, model: MSAModel, storage_dtype: str,
     h = hashlib.sha256()
     h.update(json.dumps(model.config.fingerprint_dict(), sort_keys=True).encode())
     h.update(P.PROMPT_TEMPLATE_VERSION.encode())
-    h.update(model.tokenizer.json_bytes)
+    h.update(_tokenizer(model).json_bytes)
     h.update(storage_dtype.encode())
     for f in sorted(model_dir.glob("*.safetensors")):
         st = f.stat()
@@ -561,6 +564,12 @@ def checkpoint_fingerprint(model_dir: Path, model: MSAModel, storage_dtype: str,
             cache[key] = fh.hexdigest()
         h.update(f"{f.name}={cache[key]}".encode())
     return h.hexdigest()
+
+
+def _tokenizer(model: MSAModel) -> P.Tokenizer:
+    if model.tokenizer is None:
+        raise ConfigError("the model has no tokenizer", hint="load it with msabank.model.load_model(path)")
+    return model.tokenizer
 
 
 def _dtype_name(dt: Any) -> str:
