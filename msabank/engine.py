@@ -138,17 +138,21 @@ class Answer:
 class BankMemory:
     """`MemoryView` over the routing index and the content store (one consistent bank version).
 
-    Accumulates the wall time of routing and of content fetches (device-synchronised on CUDA, where the
-    work is asynchronous) so `ask` can report time by stage.
+    `router` is a `RoutingIndex`, or a `ShardedRoutingIndex` when several ranks each hold a shard (memory
+    parallel): then documents another rank owns are read from the bank snapshot on demand (once per
+    question). Accumulates the wall time of routing and of content fetches (device-synchronised on CUDA,
+    where the work is asynchronous) so `ask` can report time by stage.
     """
 
-    def __init__(self, index: RoutingIndex, content: ContentStore, top_k: int) -> None:
-        self.index = index
+    def __init__(self, router: Any, content: ContentStore, top_k: int, snap: Snapshot | None = None) -> None:
+        self.router = router
         self.content = content
         self.top_k = top_k
+        self.snap = snap
         self.route_s = 0.0
         self.fetch_s = 0.0
-        self._cuda = index.device.type == "cuda" or content.device.type == "cuda"
+        self._remote: dict[int, torch.Tensor] = {}  # number -> (C, R, 2, Hkv, D) on the device
+        self._cuda = content.device.type == "cuda"
 
     def _sync(self) -> None:
         if self._cuda:
@@ -156,16 +160,31 @@ class BankMemory:
 
     def route(self, layer_index: int, query: torch.Tensor) -> Routed:
         t = time.perf_counter()
-        out = self.index.search(layer_index, query, self.top_k)  # returns CPU tensors: already synced
+        out = self.router.search(layer_index, query, self.top_k)  # returns CPU tensors: already synced
         self.route_s += time.perf_counter() - t
         return out
 
     def content_kv(self, layer_index: int, numbers: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         t = time.perf_counter()
-        out = self.content.fetch(layer_index, numbers)
+        nums = sorted(int(n) for n in numbers)
+        if all(n in self.content for n in nums):
+            out = self.content.fetch(layer_index, nums)
+        else:  # memory parallel: some documents live in another rank's shard
+            parts = [self.content.fetch(layer_index, [n]) if n in self.content else self._remote_kv(layer_index, n)
+                     for n in nums]
+            out = (torch.cat([k for k, _ in parts]), torch.cat([v for _, v in parts]))
         self._sync()
         self.fetch_s += time.perf_counter() - t
         return out
+
+    def _remote_kv(self, layer_index: int, number: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if number not in self._remote:
+            if self.snap is None:
+                raise DocumentNotFoundError(f"#{number}")
+            kv = self.snap.content_kv([number])[number]
+            self._remote[number] = kv.to(self.content.device, self.content.dtype)
+        kv = self._remote[number]
+        return kv[:, layer_index, 0], kv[:, layer_index, 1]
 
 
 class ReplayMemory:
@@ -189,7 +208,8 @@ class ReplayMemory:
 class Engine:
     """A bank joined to its model. Open with `Engine.open` / `Engine.create` or `msabank.open_bank`."""
 
-    def __init__(self, bank: Bank, model: MSAModel, path: Path, *, index_device: torch.device | None = None) -> None:
+    def __init__(self, bank: Bank, model: MSAModel, path: Path, *, index_device: torch.device | None = None,
+                 group: Any = None) -> None:
         self.bank = bank
         self.model = model
         self.path = path
@@ -199,6 +219,15 @@ class Engine:
         self._index: RoutingIndex | None = None
         self._content: ContentStore | None = None
         self._index_version = -1
+        # Memory parallel (kernels/memory_parallel.py): this rank holds the documents with
+        # number % world == rank; every rank runs the same questions and `route` is collective.
+        self._group = group
+        self._router: Any = None
+        self._rank, self._world = 0, 1
+        if group is not None:
+            import torch.distributed as dist
+
+            self._rank, self._world = dist.get_rank(group), dist.get_world_size(group)
 
     # ---- opening --------------------------------------------------------------------------------
 
@@ -231,8 +260,12 @@ class Engine:
 
     @classmethod
     def open(cls, path: str | Path, model: str | Path | None = None, *, readonly: bool = False,
-             device: str | None = None) -> Engine:
-        """Open an existing bank. `model` defaults to the one the bank was created with."""
+             device: str | None = None, group: Any = None) -> Engine:
+        """Open an existing bank. `model` defaults to the one the bank was created with.
+
+        `group`: a torch.distributed process group for memory parallel; every rank opens the bank and asks
+        the same questions, each holding one shard of the routing index (launch with torchrun).
+        """
         path = Path(path)
         meta_file = path / ENGINE_FILE
         if not meta_file.exists():
@@ -243,7 +276,7 @@ class Engine:
         cache = dict(meta.get("weights_sha256", {}))
         fp = checkpoint_fingerprint(mpath, m, meta.get("dtype", "bfloat16"), cache)
         bank = Bank.open(path, fingerprint=fp, readonly=readonly)
-        return cls(bank, m, path)
+        return cls(bank, m, path, group=group)
 
     def close(self) -> None:
         self.bank.close()
@@ -375,12 +408,27 @@ class Engine:
         content = ContentStore(g.num_router_layers, g.num_kv_heads, g.head_dim, device=self.model.device, dtype=cdt)
         layers = [snap.routing_keys(r) for r in range(g.num_router_layers)]
         if layers and layers[0][1].numel():
-            index.add_rows(layers[0][1], [k for k, _ in layers])
-        numbers = [int(n) for n in snap.row_map()[0]]
+            rows = layers[0][1]
+            if self._world > 1:
+                mine = rows % self._world == self._rank
+                layers = [(k[mine], n[mine]) for k, n in layers]
+                rows = rows[mine]
+            if rows.numel():
+                index.add_rows(rows, [k for k, _ in layers])
+        numbers = [int(n) for n in snap.row_map()[0] if self._mine(int(n))]
         for i in range(0, len(numbers), 1024):
             kv = snap.content_kv(numbers[i : i + 1024])
             content.add(list(kv), [t.to(cdt) for t in kv.values()])
         self._index, self._content, self._index_version = index, content, snap.version
+        if self._group is not None:
+            from msabank.kernels.memory_parallel import ShardedRoutingIndex
+
+            self._router = ShardedRoutingIndex(index, group=self._group)
+        else:
+            self._router = index
+
+    def _mine(self, number: int) -> bool:
+        return number % self._world == self._rank
 
     def _apply_changes(self, snap: Snapshot) -> None:
         assert self._index is not None and self._content is not None
@@ -388,7 +436,7 @@ class Engine:
         if ch.deleted_numbers:
             self._index.remove(ch.deleted_numbers)
             self._content.remove(ch.deleted_numbers)
-        ups = list(ch.upserted_numbers)
+        ups = [n for n in ch.upserted_numbers if self._mine(n)]
         if ups:
             mems = [snap.tensors(snap.user_id(n)) for n in ups]
             r = self.bank.geometry.num_router_layers
@@ -401,8 +449,8 @@ class Engine:
 
     def memory(self, snap: Snapshot | None = None) -> BankMemory:
         self.refresh(snap)
-        assert self._index is not None and self._content is not None
-        return BankMemory(self._index, self._content, self.model.config.top_k)
+        assert self._router is not None and self._content is not None
+        return BankMemory(self._router, self._content, self.model.config.top_k, snap)
 
     def _hits(self, snap: Snapshot, routed: Sequence[Routed]) -> builtins.list[Hit]:
         by_number: dict[int, dict[int, float]] = {}
