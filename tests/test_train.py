@@ -133,3 +133,23 @@ def test_evaluator_matches_the_engine(tmp_path):
             assert a.answer == run.answer
             assert [r.requested for r in a.rounds if r.requested] == [n for n in run.named if n]
             assert a.rounds[0].documents[0].number == run.selected_r1[0][0]
+
+
+def test_aux_layer_weights_scale_each_router_layers_term():
+    """aux_layer_weights multiplies each router layer's InfoNCE term: w=(3,0) + 3·(0,1) == 3·(1,1)."""
+    from msabank.train.core import forward
+    from msabank.train.data import make_batch
+    from msabank.train.loop import default_model_config, new_model
+
+    tok = _tok()
+    cfg = default_model_config(tok.vocab_size, layers=3, hidden=64, heads=4, kv_heads=2, head_dim=16,
+                               intermediate=128, router_layers=(1, 2))
+    model = new_model(cfg, tok)
+    batch = make_batch(tok, World(seed=4, num_docs=500), random.Random(1), questions=4, memory=12, max_doc_tokens=96)
+    with torch.no_grad():
+        both = forward(model, batch).aux_loss
+        first = forward(model, batch, aux_layer_weights=(3.0, 0.0)).aux_loss
+        second = forward(model, batch, aux_layer_weights=(0.0, 1.0)).aux_loss
+    assert both is not None and float(both) > 0
+    assert torch.allclose(first + 3 * second, 3 * both, rtol=1e-5)
+    assert not torch.allclose(first, 3 * both)

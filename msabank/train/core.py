@@ -15,6 +15,7 @@ T their padded length, Hkv, H, D as usual, R router layers.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -197,7 +198,8 @@ def _route_scores_blocked(rq: torch.Tensor, rk: torch.Tensor, routing: torch.Ten
 def forward(model: MSAModel, batch: Batch, *, top_k: int | None = None, force_positive: bool = True,
             tau: float = 0.1, want_logits: bool = False, want_hidden: bool = False,
             memory: Memory | None = None, selection: list[torch.Tensor] | None = None,
-            score_block: int = 0, want_last_logits: bool = False, lm_only_routed: bool = False) -> Output:
+            score_block: int = 0, want_last_logits: bool = False, lm_only_routed: bool = False,
+            aux_layer_weights: Sequence[float] | None = None) -> Output:
     """The MSA training forward (and, with force_positive=False, its exact inference counterpart).
 
     Returns losses when labels exist: lm_loss (mean CE over labelled positions) and aux_loss (InfoNCE over
@@ -208,6 +210,8 @@ def forward(model: MSAModel, batch: Batch, *, top_k: int | None = None, force_po
     `[n]`) whose positive no router layer selected: the number is then nowhere in the model's input, and the
     loss could only teach it to guess a frequent number instead of copying one (out.correct still covers all
     targets, so teacher-forced accuracy stays comparable).
+    `aux_layer_weights`: one weight per router layer on its InfoNCE term (default 1 each). Up-weighting the
+    first router layer trains the only layer whose routing query never sees a forced document's K/V.
     """
     cfg = model.config
     k = top_k or cfg.top_k
@@ -258,7 +262,8 @@ def forward(model: MSAModel, batch: Batch, *, top_k: int | None = None, force_po
                     if batch.stage is not None:
                         has = has & (batch.stage < 2)
                     if bool(has.any()):
-                        aux_terms.append(F.cross_entropy(sc[has] / tau, batch.positive[has]))
+                        w = 1.0 if aux_layer_weights is None else float(aux_layer_weights[r])
+                        aux_terms.append(w * F.cross_entropy(sc[has] / tau, batch.positive[has]))
             out.selected.append(sel)
             sel_sorted = sel.sort(dim=1).values  # ascending memory order (official context order)
             c, hkv, d = pk.shape[2], pk.shape[1], pk.shape[3]

@@ -16,6 +16,15 @@ from pathlib import Path
 import torch
 
 
+def _layer_weights(spec: str, n: int) -> tuple[float, ...] | None:
+    if not spec:
+        return None
+    w = tuple(float(x) for x in spec.split(","))
+    if len(w) != n:
+        raise SystemExit(f"--aux-layer-weights needs {n} values (one per router layer), got {len(w)}")
+    return w
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -40,6 +49,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="question kinds drawn uniformly from this list (repeat a kind to weight it)")
     ap.add_argument("--keep-unrouted-lm", action="store_true",
                     help="LM loss also on [n] targets whose document was not selected (runs 1-2 did this)")
+    ap.add_argument("--aux-layer-weights", default="",
+                    help="InfoNCE weight per router layer, e.g. 4,1,1,1 (default 1 each): the first router "
+                         "layer is the only one a forced document cannot leak into")
     ap.add_argument("--eval-seeds", default="",
                     help="eval world seed offsets, one per --eval-tokens entry (default 0,1,2,...); "
                          "docs/eval.md's banks: 16000->0, 131072->1, 1000000->2, 10000000->3")
@@ -81,7 +93,8 @@ def main(argv: list[str] | None = None) -> None:
                      memory=args.memory, seed=args.seed, lr=args.lr, lr_warmup=args.lr_warmup,
                      warmup_frac=args.warmup_frac, workers=args.workers, device=dev, log_every=args.log_every,
                      force_every=args.force_every, kinds=kinds,
-                     lm_only_routed=not args.keep_unrouted_lm)
+                     lm_only_routed=not args.keep_unrouted_lm,
+                     aux_layer_weights=_layer_weights(args.aux_layer_weights, len(model.config.router_layers)))
     t0 = time.time()
     train(model, tok, tc, on_log=lambda row: (log_fh.write(json.dumps(row) + "\n"), log_fh.flush()))
     logging.info("trained %.0f s", time.time() - t0)
