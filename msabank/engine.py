@@ -358,8 +358,7 @@ class Engine:
         return self.put([(doc_id, text)])
 
     def delete(self, doc_ids: Sequence[str]) -> WriteReport:
-        for d in doc_ids:
-            self.bank.get(d)
+        """Tombstone documents; an id that is not live raises DocumentNotFoundError and nothing is committed."""
         return self.bank.write([], delete=list(doc_ids))
 
     # ---- reading --------------------------------------------------------------------------------
@@ -448,8 +447,12 @@ class Engine:
         self._index_version = ch.version
 
     def memory(self, snap: Snapshot | None = None) -> BankMemory:
+        """Refresh the index to `snap` (default: the latest version) and return the view a generation uses."""
         self.refresh(snap)
-        assert self._router is not None and self._content is not None
+        return self._view(snap)
+
+    def _view(self, snap: Snapshot | None) -> BankMemory:
+        assert self._router is not None and self._content is not None, "refresh() first"
         return BankMemory(self._router, self._content, self.model.config.top_k, snap)
 
     def _hits(self, snap: Snapshot, routed: Sequence[Routed]) -> builtins.list[Hit]:
@@ -493,7 +496,7 @@ class Engine:
              temperature: float, top_p: float, seed: int | None) -> Answer:
         t_start = time.perf_counter()
         t_refresh = self.refresh(snap)
-        mem = self.memory(snap)
+        mem = self._view(snap)
         tok = self.tokenizer
         first = P.question_prompt(tok, q)
         transcript = list(first.ids)
@@ -635,7 +638,9 @@ def _cast(mem: EncodedMemory, dt: torch.dtype) -> EncodedMemory:
 
 
 def _with_unchanged(r: WriteReport, unchanged: int) -> WriteReport:
-    return WriteReport(r.added, r.updated, max(r.unchanged, unchanged), r.deleted, r.version)
+    # Bank.write counts `unchanged` only among the documents it is given; the planned-unchanged ones are
+    # never given to it (they are not re-encoded), so the two counts add up.
+    return WriteReport(r.added, r.updated, r.unchanged + unchanged, r.deleted, r.version)
 
 
 def _check_question(question: str) -> str:
