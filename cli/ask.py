@@ -11,17 +11,26 @@ from msabank.cli._render import emit_json, err_console, out_console
 from msabank.cli.bank import BankArg, DeviceOpt, JsonOpt, ModelOpt, _open
 
 
-def render_answer(ans, *, show_transcript: bool = False) -> None:  # noqa: ANN001
-    """Answer on stdout; rounds, evidence and timings after it."""
-    out_console.print(f"[bold]{ans.answer}[/]" if ans.answer else "[dim](no answer)[/]")
+def round_lines(ans, *, max_docs: int = 6, scores: bool = True) -> list[str]:  # noqa: ANN001
+    """One line per interleave round: documents routed to, numbers the model named, documents appended."""
+    lines = []
     for r in ans.rounds:
-        docs = ", ".join(f"{h.id}[{h.number}] {h.score:.3f}/{len(h.layers)}L" for h in r.documents[:6])
-        more = f" +{len(r.documents) - 6}" if len(r.documents) > 6 else ""
+        docs = ", ".join(f"{h.id}[{h.number}]" + (f" {h.score:.3f}/{len(h.layers)}L" if scores else "")
+                         for h in r.documents[:max_docs])
+        more = f" +{len(r.documents) - max_docs}" if len(r.documents) > max_docs else ""
         line = f"  round {r.index}: routed {docs or 'nothing (empty bank)'}{more}"
         if r.requested:
             line += f" → model named {', '.join(f'[{n}]' for n in r.requested)}"
         if r.injected:
             line += f" → appended {', '.join(r.injected)}"
+        lines.append(line)
+    return lines
+
+
+def render_answer(ans, *, show_transcript: bool = False) -> None:  # noqa: ANN001
+    """Answer on stdout; rounds, evidence and timings after it."""
+    out_console.print(f"[bold]{ans.answer}[/]" if ans.answer else "[dim](no answer)[/]")
+    for line in round_lines(ans):
         out_console.print(line, markup=False)
     t = ans.timings
     stages = ', '.join(f'{k} {t[k] * 1000:.0f}' for k in ('refresh', 'route', 'fetch', 'prefill', 'decode'))

@@ -89,13 +89,9 @@ def _show(question: str, expected: str, ans, ok: bool, label: str = "") -> None:
     mark = "[green]✓[/]" if ok else "[red]✗[/]"
     out_console.print(f"\n[bold]Q{(' ' + label) if label else ''}:[/] {question}")
     out_console.print(f"  {mark} answer: [bold]{ans.answer or '(none)'}[/]   expected: {expected}")
-    for r in ans.rounds:
-        docs = ", ".join(f"{h.id}[{h.number}]" for h in r.documents[:3])
-        line = f"  round {r.index}: routed {docs}"
-        if r.requested:
-            line += f" → named {', '.join(f'[{n}]' for n in r.requested)}"
-        if r.injected:
-            line += f" → read {', '.join(r.injected)}"
+    from msabank.cli.ask import round_lines
+
+    for line in round_lines(ans, max_docs=3, scores=False):
         out_console.print(line, markup=False)
 
 
