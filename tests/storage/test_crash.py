@@ -102,9 +102,7 @@ def test_crash_kills(tmp_path: Path) -> None:
 
 @pytest.mark.crash
 @pytest.mark.slow
-def test_crash_kills_long(tmp_path: Path, request: pytest.FixtureRequest) -> None:
-    """500 kills (~5 min): run with `pytest -m crash tests/storage`."""
-    if "crash" not in (request.config.getoption("markexpr") or ""):
-        pytest.skip("extended crash run: select it with -m crash")
+def test_crash_kills_long(tmp_path: Path) -> None:
+    """500 kills (~5 min): run with `pytest -m crash tests/storage` (deselected otherwise, tests/conftest.py)."""
     killed_in = _run(tmp_path, kills=500, seed=2)
     print("kill points:", killed_in)
