@@ -131,16 +131,58 @@ def apply_op(bank: Bank, op: Op) -> None:
         bank.compact()
 
 
-def crash_worker(path: str, journal: str, seed: int, n: int, focus: str | None, start: int) -> None:
-    """Run ops[start:] on the bank, journaling `b <i> <kind>` before and `d <i>` after each op."""
+def crash_worker(
+    path: str, journal: str, seed: int, n: int, focus: str | None, start: int, kill: tuple[int, int, str] | None = None
+) -> None:
+    """Run ops[start:] on the bank, journaling `b <i> <kind>` before and `d <i>` after each op.
+
+    kill=(op, call, when) makes the worker SIGKILL itself inside op `op`, at its `call`-th LMDB write
+    transaction (1-based): "mid" after the transaction's puts/deletes ran but before it commits, "after" once
+    the commit returned. An op with fewer transactions dies after its last one, before `d` is journaled.
+    Timed kills from the parent land where the time goes (tensor writes, fsync); these land where the time
+    does not — a delete is one ~1 ms transaction that a random instant almost never hits.
+    """
     import os
+    import signal
+
+    from msabank.storage import index as index_mod
 
     ops, _ = gen_ops(seed, n, focus)
     fd = os.open(journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     bank = Bank.open(path, fingerprint=FINGERPRINT)
+    armed = {"op": False, "calls": 0}
+
+    def die() -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    if kill is not None:
+        kill_op, kill_call, when = kill
+        original = index_mod.Index.write
+
+        def write(self, fn):  # type: ignore[no-untyped-def]
+            if not armed["op"]:
+                return original(self, fn)
+            armed["calls"] += 1
+            if armed["calls"] != kill_call:
+                return original(self, fn)
+            if when == "mid":
+
+                def fn_then_die(txn):  # type: ignore[no-untyped-def]
+                    fn(txn)
+                    die()  # the transaction is open and uncommitted: LMDB must discard it
+
+                return original(self, fn_then_die)
+            out = original(self, fn)
+            die()
+            return out
+
+        index_mod.Index.write = write  # type: ignore[method-assign]
     for i in range(start, n):
         os.write(fd, f"b {i} {ops[i][0]}\n".encode())
+        armed["op"] = kill is not None and i == kill[0]
         apply_op(bank, ops[i])
+        if armed["op"]:
+            die()  # fewer transactions than kill_call: die between the last commit and the journal line
         os.write(fd, f"d {i}\n".encode())
     bank.close()
     os.write(fd, b"end\n")

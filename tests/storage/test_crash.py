@@ -1,4 +1,4 @@
-"""SIGKILL a writer process at random instants during put, update, delete and compact.
+"""SIGKILL a writer process during put, update, delete and compact: at random instants, and at LMDB transactions.
 
 After every kill: the bank reopens, verify passes, the visible documents are exactly the committed ones
 (the state after the last finished op, or after the op in flight if its commit landed) with intact text
@@ -51,15 +51,25 @@ def _run(tmp_path: Path, kills: int, seed: int) -> dict[str, int]:
             # delete the leftovers so the op sequence's model (which starts empty) applies exactly
             if base:
                 b.delete(sorted(base))
-        p = ctx.Process(target=H.crash_worker, args=(str(path), str(journal), op_seed, n_ops, focus, 0))
+        # every other round of the four kinds, the worker kills itself inside one op of the focus kind at an
+        # LMDB transaction (mid or after commit); otherwise the parent kills at a random instant, which lands
+        # where the time goes (tensor writes, fsync) and almost never inside a ~1 ms delete
+        kill = None
+        if (cycle // len(FOCUS)) % 2:
+            of_kind = [i for i, op in enumerate(ops) if _kind(ops, states, i) == focus]
+            if of_kind:
+                kill = (rng.choice(of_kind), rng.randint(1, 2), rng.choice(("mid", "after")))
+        p = ctx.Process(target=H.crash_worker, args=(str(path), str(journal), op_seed, n_ops, focus, 0, kill))
         p.start()
-        deadline = time.monotonic() + 30
-        while p.is_alive() and time.monotonic() < deadline and not (journal.exists() and journal.stat().st_size):
-            time.sleep(0.002)
-        time.sleep(rng.uniform(0.0, 0.5))  # a random instant inside the op sequence
-        if p.is_alive():
-            os.kill(p.pid, signal.SIGKILL)
-        p.join()
+        if kill is None:
+            deadline = time.monotonic() + 30
+            while p.is_alive() and time.monotonic() < deadline and not (journal.exists() and journal.stat().st_size):
+                time.sleep(0.002)
+            time.sleep(rng.uniform(0.0, 0.5))  # a random instant inside the op sequence
+            if p.is_alive():
+                os.kill(p.pid, signal.SIGKILL)
+        p.join(timeout=60)
+        assert not p.is_alive(), f"crash worker of cycle {cycle} hung"
         lines = journal.read_text().splitlines() if journal.exists() else []
         began = [ln.split() for ln in lines if ln.startswith("b ")]
         finished = [int(ln.split()[1]) for ln in lines if ln.startswith("d ")]
@@ -67,8 +77,7 @@ def _run(tmp_path: Path, kills: int, seed: int) -> dict[str, int]:
         candidates = [{} if last_done < 0 else states[last_done]]
         if began and int(began[-1][1]) == last_done + 1:
             candidates.append(states[last_done + 1])
-            op = ops[last_done + 1]
-            kind = _put_kind(ops, states, last_done + 1) if op[0] == "put" else op[0]
+            kind = _kind(ops, states, last_done + 1)
             killed_in[kind] = killed_in.get(kind, 0) + 1
         with Bank.open(path, fingerprint=H.FINGERPRINT) as bank:  # writer open reclaims garbage
             report = bank.verify()
@@ -87,7 +96,10 @@ def _run(tmp_path: Path, kills: int, seed: int) -> dict[str, int]:
     return killed_in
 
 
-def _put_kind(ops: list[H.Op], states: list[dict[str, str]], i: int) -> str:
+def _kind(ops: list[H.Op], states: list[dict[str, str]], i: int) -> str:
+    """add / update / delete / compact: a put counts as an update when it replaces any existing document."""
+    if ops[i][0] != "put":
+        return str(ops[i][0])
     before = states[i - 1] if i > 0 else {}
     return "update" if any(uid in before for uid, _ in ops[i][1]) else "add"
 
