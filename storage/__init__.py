@@ -7,7 +7,7 @@ Public API (docs/design/interfaces.md): `Bank`, `Snapshot`, `Geometry`, `Documen
 
 from __future__ import annotations
 
-from msabank.storage.bank import FORMAT_VERSION, Bank, Snapshot, iter_batches
+from msabank.storage.bank import FORMAT_VERSION, Bank, iter_batches
 from msabank.storage.records import (
     BankStats,
     Changes,
@@ -22,6 +22,7 @@ from msabank.storage.records import (
     WriteReport,
     content_hash,
 )
+from msabank.storage.snapshot import Snapshot
 
 __all__ = [
     "FORMAT_VERSION",

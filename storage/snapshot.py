@@ -1,0 +1,324 @@
+"""Snapshot: one committed bank version, pinned for a whole query; every read path of the bank.
+
+A snapshot holds an LMDB read transaction (records, spans, the `state` pointer) and a shared flock on the
+`.readers` file of the tensor generation that state points to, so compaction never deletes the rows under
+it. Reads: records (`get`, `versions`, `list`, `user_id`), tensors (`tensors`, `routing_keys`,
+`content_kv`, `row_map`), the change log (`changes_since`) and `stats`. Stored rows are checksum-checked
+on read; a mismatch is a BankCorruptedError that names the document.
+"""
+
+from __future__ import annotations
+
+import builtins  # Snapshot.list shadows `list` in the class body: annotations there use builtins.list
+import fcntl
+import os
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import lmdb
+import numpy as np
+import torch
+
+from msabank.errors import BankCorruptedError, DocumentNotFoundError
+from msabank.storage.codec import crc32c, from_stored, memory_from_rows
+from msabank.storage.index import dec, k_num, k_ver, num_k, unpack_span, ver_k
+from msabank.storage.records import BankStats, Changes, DocumentRecord, VersionRecord
+from msabank.storage.state import State, gen_dir
+from msabank.storage.tensors import ChunkReadError, Generation, dir_bytes
+from msabank.types import EncodedMemory
+
+if TYPE_CHECKING:
+    from msabank.storage.bank import Bank
+
+
+def _doc_record(d: dict[str, Any], number: int, text: str, meta: dict[str, Any] | None) -> DocumentRecord:
+    return DocumentRecord(
+        user_id=d["user_id"],
+        number=number,
+        version=d["version"],
+        text=text,
+        content_hash=d["content_hash"],
+        n_tokens=d["n_tokens"],
+        num_chunks=d["num_chunks"],
+        row_start=d["row_start"],
+        created_at=d["created_at"],
+        updated_at=d["updated_at"],
+        meta=meta,
+    )
+
+
+class Snapshot:
+    """One committed bank version, held for the lifetime of a query (`with bank.snapshot() as s:`).
+
+    Holds an LMDB read transaction and a shared lock on the tensor generation it reads; every read
+    through it sees the same version even while a writer commits or compacts. Close it promptly: an open
+    snapshot keeps LMDB from reusing pages and keeps a compacted generation on disk.
+    """
+
+    def __init__(self, bank: Bank) -> None:
+        self._bank = bank
+        self._closed = False
+        self._row_map: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        idx = bank._index
+        for _ in range(100):
+            txn = idx.begin_read()
+            raw = txn.get(b"state", db=idx.db("meta"))
+            if raw is None:
+                txn.abort()
+                raise BankCorruptedError(f"bank {bank.path}: the index has no state record")
+            state = State(**dec(bytes(raw)))
+            fd = self._lock_generation(bank.path, state.generation)
+            if fd is not None:
+                break
+            txn.abort()
+        else:  # pragma: no cover - needs 100 compactions racing one reader
+            raise BankCorruptedError(f"bank {bank.path}: tensor generation {state.generation} is missing")
+        self._txn: lmdb.Transaction = txn
+        self._fd = fd
+        self.state = state
+        self.version = state.version
+        """The bank version this snapshot reads."""
+        self.gen = Generation(
+            gen_dir(bank.path, state.generation), bank.geometry, bank._content_chunk_rows, bank._routing_chunk_rows
+        )
+
+    @staticmethod
+    def _lock_generation(root: Path, generation: int) -> int | None:
+        """A shared flock on the generation's `.readers` file, or None if that generation is gone."""
+        try:
+            fd = os.open(gen_dir(root, generation) / ".readers", os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        if os.fstat(fd).st_nlink == 0:  # removed by compaction between open and lock
+            os.close(fd)
+            return None
+        return fd
+
+    # ------------------------------------------------------------------ plumbing
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._txn.abort()
+            os.close(self._fd)
+
+    def __enter__(self) -> Snapshot:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True):
+            try:
+                self.close()
+            except Exception:  # pragma: no cover - interpreter shutdown
+                pass
+
+    def _get(self, db: str, key: bytes) -> bytes | None:
+        v = self._txn.get(key, db=self._bank._index.db(db))
+        return None if v is None else bytes(v)
+
+    def _number(self, user_id: str) -> int | None:
+        v = self._get("ids", user_id.encode("utf-8"))
+        return None if v is None else num_k(v)
+
+    def _doc(self, number: int) -> dict[str, Any] | None:
+        v = self._get("docs", k_num(number))
+        return None if v is None else dec(v)
+
+    def _live(self, user_id: str) -> tuple[int, dict[str, Any]]:
+        number = self._number(user_id)
+        d = None if number is None else self._doc(number)
+        if number is None or d is None or d["state"] != "live":
+            raise DocumentNotFoundError(user_id)
+        return number, d
+
+    def _version(self, number: int, version: int) -> VersionRecord:
+        v = self._get("versions", k_ver(number, version))
+        if v is None:
+            raise BankCorruptedError(f"document #{number}: version record {version} is missing")
+        return VersionRecord.from_dict(dec(v))
+
+    # ------------------------------------------------------------------ records
+    def get(self, user_id: str) -> DocumentRecord:
+        """The live document `user_id` (DocumentNotFoundError if absent or deleted)."""
+        number, d = self._live(user_id)
+        vr = self._version(number, d["version"])
+        return _doc_record(d, number, vr.text, vr.meta)
+
+    def versions(self, user_id: str) -> list[VersionRecord]:
+        """Every version of `user_id`, oldest first, tombstones included (also for a deleted id)."""
+        number = self._number(user_id)
+        if number is None:
+            raise DocumentNotFoundError(user_id)
+        out = []
+        cur = self._txn.cursor(db=self._bank._index.db("versions"))
+        if cur.set_range(k_num(number)):
+            for k, v in cur:
+                n, _ = ver_k(bytes(k))
+                if n != number:
+                    break
+                out.append(VersionRecord.from_dict(dec(bytes(v))))
+        return out
+
+    def list(self, *, text: bool = True) -> list[DocumentRecord]:
+        """Live documents in number order (with their text unless text=False)."""
+        out = []
+        for k, v in self._txn.cursor(db=self._bank._index.db("docs")):
+            d = dec(bytes(v))
+            if d["state"] != "live":
+                continue
+            number = num_k(bytes(k))
+            if text:
+                vr = self._version(number, d["version"])
+                out.append(_doc_record(d, number, vr.text, vr.meta))
+            else:
+                out.append(_doc_record(d, number, "", None))
+        return out
+
+    def user_id(self, number: int) -> str:
+        d = self._doc(number)
+        if d is None:
+            raise DocumentNotFoundError(f"#{number}")
+        return str(d["user_id"])
+
+    # ------------------------------------------------------------------ tensors
+    def tensors(self, user_id: str) -> EncodedMemory:
+        """The stored tensors of `user_id`, checksum-checked (BankCorruptedError names the document)."""
+        number, d = self._live(user_id)
+        vr = self._version(number, d["version"])
+        assert vr.row_start is not None, "live version without rows"
+        content, routing = self._read_doc(user_id, vr, routing=True, check=True)
+        return memory_from_rows(content, routing, self._bank.geometry, vr.n_tokens)
+
+    def _read_doc(
+        self,
+        user_id: str,
+        vr: VersionRecord,
+        *,
+        routing: bool,
+        check: bool,
+        cache: dict[tuple[int, int], np.ndarray] | None = None,
+    ) -> tuple[np.ndarray, builtins.list[np.ndarray]]:
+        assert vr.row_start is not None
+        lo, hi = vr.row_start, vr.row_start + vr.num_chunks
+        if hi > self.state.rows:
+            raise BankCorruptedError(f"document {user_id!r}: rows {lo}..{hi - 1} past the committed rows", doc_id=user_id)
+        try:
+            content = self.gen.read_rows(self.gen.content, lo, hi, cache)
+            rk = [self.gen.read_rows(a, lo, hi, cache) for a in self.gen.routing] if routing else []
+        except ChunkReadError as err:
+            raise BankCorruptedError(f"document {user_id!r}: {err}", doc_id=user_id) from None
+        if check:
+            if crc32c(content) != vr.crc_content:
+                raise BankCorruptedError(f"document {user_id!r}: content K/V checksum mismatch", doc_id=user_id)
+            for i, r in enumerate(rk):
+                if crc32c(r) != vr.crc_routing[i]:
+                    raise BankCorruptedError(
+                        f"document {user_id!r}: routing keys of router layer {i} checksum mismatch", doc_id=user_id
+                    )
+        return content, rk
+
+    def row_map(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Live spans in row order: (numbers, row_starts, num_chunks), int64 each."""
+        if self._row_map is None:
+            spans = []
+            for k, v in self._txn.cursor(db=self._bank._index.db("spans")):
+                s, c = unpack_span(bytes(v))
+                spans.append((s, c, num_k(bytes(k))))
+            spans.sort()
+            arr = np.array(spans, dtype=np.int64).reshape(-1, 3)
+            self._row_map = (arr[:, 2].copy(), arr[:, 0].copy(), arr[:, 1].copy())
+        return self._row_map
+
+    def routing_keys(self, layer_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """All live routing keys of router layer `layer_index`: keys (rows, Hkv·D) and row_numbers (rows,) int64.
+
+        Rows are in storage order; `row_numbers[i]` is the document number of row i. Reads the layer's
+        chunk files straight into one buffer (two decoding threads).
+        """
+        g = self._bank.geometry
+        if not 0 <= layer_index < g.num_router_layers:
+            raise IndexError(f"router layer index {layer_index} out of range 0..{g.num_router_layers - 1}")
+        numbers, starts, counts = self.row_map()
+        total = int(counts.sum())
+        arr = self.gen.routing[layer_index]
+        try:
+            with ThreadPoolExecutor(2) as pool:
+                buf = self.gen.read_all(arr, self.state.rows, pool)
+        except ChunkReadError as err:
+            lo, hi = err.rows
+            bad = [self.user_id(int(n)) for n, s, c in zip(numbers, starts, counts) if s < hi and s + c > lo]
+            raise BankCorruptedError(
+                f"routing keys of layer {layer_index}: {err} (documents {bad[:5]})", doc_id=bad[0] if bad else None
+            ) from None
+        row_numbers = np.repeat(numbers, counts)
+        if total != self.state.rows:  # garbage rows awaiting compaction: gather the live ones
+            rows = np.repeat(starts - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts) + np.arange(total)
+            buf = buf[rows]
+        elif len(starts) and not np.array_equal(starts, np.concatenate([[0], np.cumsum(counts)[:-1]])):
+            raise BankCorruptedError(f"bank {self._bank.path}: live spans overlap")  # pragma: no cover
+        return from_stored(buf, g.dtype), torch.from_numpy(row_numbers)
+
+    def content_kv(self, numbers: Iterable[int], *, pin: bool = False, check: bool = True) -> dict[int, torch.Tensor]:
+        """Content K/V of each document number: (C, R, 2, Hkv, D) on CPU (pinned if asked and CUDA exists).
+
+        Each document is one contiguous row range; rows are checksum-checked unless check=False.
+        """
+        out: dict[int, torch.Tensor] = {}
+        wanted: list[tuple[int, int, str, VersionRecord]] = []
+        for n in sorted(set(int(x) for x in numbers)):
+            d = self._doc(n)
+            if d is None or d["state"] != "live":
+                raise DocumentNotFoundError(f"#{n}" if d is None else str(d["user_id"]))
+            vr = self._version(n, d["version"])
+            assert vr.row_start is not None
+            wanted.append((vr.row_start, n, str(d["user_id"]), vr))
+        wanted.sort()
+        cache: dict[tuple[int, int], np.ndarray] = {}
+        do_pin = pin and torch.cuda.is_available()
+        for _, n, uid, vr in wanted:
+            content, _ = self._read_doc(uid, vr, routing=False, check=check, cache=cache)
+            t = from_stored(content, self._bank.geometry.dtype)
+            out[n] = t.pin_memory() if do_pin else t
+        return out
+
+    def changes_since(self, version: int) -> Changes:
+        """Numbers upserted and deleted after bank version `version`, up to this snapshot's version."""
+        if version > self.version:
+            raise ValueError(f"version {version} is newer than the bank's {self.version}")
+        last: dict[int, str] = {}
+        cur = self._txn.cursor(db=self._bank._index.db("changes"))
+        if cur.set_range(k_num(version + 1)):
+            for _k, v in cur:
+                ch = dec(bytes(v))
+                for n in ch.get("upserted", ()):
+                    last[n] = "u"
+                for n in ch.get("deleted", ()):
+                    last[n] = "d"
+        ups = tuple(sorted(n for n, a in last.items() if a == "u"))
+        dels = tuple(sorted(n for n, a in last.items() if a == "d"))
+        return Changes(upserted_numbers=ups, deleted_numbers=dels, version=self.version)
+
+    def stats(self) -> BankStats:
+        b = self._bank
+        s = self.state
+        tensor_bytes = dir_bytes(b.path / "tensors")
+        return BankStats(
+            version=s.version,
+            documents=s.live_docs,
+            deleted=s.deleted_docs,
+            next_number=s.next_number,
+            live_chunks=s.live_chunks,
+            total_rows=s.rows,
+            tokens=s.live_tokens,
+            bytes_on_disk=tensor_bytes + dir_bytes(b.path / "index"),
+            tensor_bytes_on_disk=tensor_bytes,
+            generation=s.generation,
+            geometry=b.geometry,
+            fingerprint=b.fingerprint,
+        )
