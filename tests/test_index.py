@@ -75,14 +75,16 @@ def test_search_matches_reference_through_updates(dtype, device):
     assert index._dead * 2 < max(1, index._size)  # compaction ran whenever half was dead
 
 
-def test_capacity_doubles_and_add_rows():
+def test_capacity_grows_by_a_quarter_and_add_rows():
     g = torch.Generator().manual_seed(1)
     index = RoutingIndex(R, DIM, dtype=torch.float32)
     caps = set()
     for n in range(300):
         index.add([n], [10], [torch.randn(10, DIM, generator=g) for _ in range(R)])
         caps.add(index._capacity)
-    assert sorted(caps) == [1024, 2048, 4096]  # 3,000 rows in 3 allocations
+    # 3,000 rows in 6 allocations, never more than 25% slack (doubling left up to 50%)
+    assert sorted(caps) == [1024, 1280, 1600, 2000, 2500, 3125]
+    assert index.memory_bytes() == 3125 * (R * DIM * 4 + 4)
     # bulk load with a document split over two runs, as a storage scan may return
     other = RoutingIndex(R, DIM, dtype=torch.float32)
     rn = torch.tensor([5, 5, 2, 7, 7, 7, 5])
@@ -145,3 +147,46 @@ def test_content_arena_uses_power_of_two_blocks():
     store = ContentStore(2, 1, 4, dtype=torch.bfloat16)  # 32 B per row
     store.add([0], [torch.randn(3, 2, 2, 1, 4).bfloat16()])
     assert store.memory_bytes() & (store.memory_bytes() - 1) == 0
+
+
+def test_bulk_load_is_sized_once_and_takes_one_layer_at_a_time():
+    """The engine's index load: reserve exactly, then layers from a generator (one in host memory at a time)."""
+    g = torch.Generator().manual_seed(2)
+    rows = 3000
+    rn = torch.repeat_interleave(torch.arange(600), 5)
+    layers = [torch.randn(rows, DIM, generator=g) for _ in range(R)]
+    index = RoutingIndex(R, DIM, dtype=torch.float32)
+    index.reserve(rows)
+    consumed = []
+
+    def gen():
+        for i in range(R):
+            consumed.append(i)
+            yield layers[i]
+
+    index.add_rows(rn, gen())
+    assert consumed == list(range(R))
+    assert index._capacity == rows and index.num_rows == rows and len(index) == 600
+    q = torch.randn(3, DIM, generator=g)
+    for layer in range(R):
+        _, want = routing_topk_ref(q, layers[layer], rn, 600, 4)
+        assert index.search(layer, q, 4).numbers.tolist() == want.tolist()
+    # a generator that stops short (or runs long) is an error and changes nothing visible
+    before = [index.search(layer, q, 4).numbers.tolist() for layer in range(R)]
+    with pytest.raises(InputError, match="router layers"):
+        index.add_rows(torch.tensor([7, 7]), (torch.randn(2, DIM) for _ in range(R - 1)))
+    with pytest.raises(InputError, match="more than"):
+        index.add_rows(torch.tensor([7, 7]), (torch.randn(2, DIM) for _ in range(R + 1)))
+    assert index.num_rows == rows and len(index) == 600
+    assert [index.search(layer, q, 4).numbers.tolist() for layer in range(R)] == before
+
+
+def test_content_store_reserve_allocates_once():
+    store = ContentStore(2, 1, 4, dtype=torch.bfloat16)  # 32 B per row
+    store.reserve(100)
+    arena = store._arena
+    g = torch.Generator().manual_seed(3)
+    for n in range(25):
+        store.add([n], [torch.randn(4, 2, 2, 1, 4, generator=g).bfloat16()])
+    assert store._arena is arena  # 100 rows added into the reserved arena: no regrowth
+    assert store.memory_bytes() == 4096  # 3,200 B rounded up to the allocator's power of two
