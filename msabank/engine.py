@@ -9,8 +9,10 @@ callback.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import json
 import logging
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -21,7 +23,8 @@ import torch
 
 from msabank import prompt as P
 from msabank import stages
-from msabank.errors import BankExistsError, BankNotFoundError, ConfigError, DocumentNotFoundError, InputError
+from msabank.errors import (BankAccessError, BankError, BankExistsError, BankFormatError, BankNotFoundError, ConfigError,
+                            DocumentNotFoundError, InputError)
 from msabank.index import ContentStore, RoutingIndex
 from msabank.model import MSAModel, load_model
 from msabank.storage.bank import Bank, Snapshot
@@ -59,9 +62,23 @@ def resolve_model_path(model: str | Path | None) -> Path:
 
 
 def pick_device(device: str | None) -> torch.device:
-    if device:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The torch device named by `device` (None: cuda when present, else cpu); ConfigError for a device
+    torch does not know or this machine does not have."""
+    if not device:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ConfigError(f"unknown device {device!r}", hint="use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"device {device!r}: no CUDA device on this machine (or torch built without CUDA)",
+                              hint="use --device cpu")
+        if dev.index is not None and dev.index >= count:
+            raise ConfigError(f"device {device!r}: this machine has {count} CUDA device(s)",
+                              hint=f"use cuda:0 .. cuda:{count - 1}")
+    return dev
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -239,6 +256,8 @@ class Engine:
         if path.exists():
             raise BankExistsError(f"{path} already exists",
                                   hint="ingest into or ask the bank that is there, or pick another path")
+        if dtype is not None and dtype not in STORAGE_DTYPES:
+            raise ConfigError(f"unknown storage dtype {dtype!r}", hint=f"use one of {', '.join(STORAGE_DTYPES)}")
         mpath = resolve_model_path(model)
         m = load_model(mpath, device=pick_device(device))
         cfg = m.config
@@ -252,10 +271,16 @@ class Engine:
         sdt = _torch_dtype(storage_dtype)
         cache: dict[str, Any] = {}
         fp = checkpoint_fingerprint(mpath, m, storage_dtype, cache)
-        bank = Bank.create(path, geometry, fp, tk.to("cpu", sdt), tv.to("cpu", sdt))
+        with _bank_io(path, "create"):
+            bank = Bank.create(path, geometry, fp, tk.to("cpu", sdt), tv.to("cpu", sdt))
         meta = {"model": DEFAULT_MODEL if model is None else str(mpath.resolve()), "dtype": storage_dtype,
                 "weights_sha256": cache}
-        (path / ENGINE_FILE).write_text(json.dumps(meta, indent=1))
+        try:
+            with _bank_io(path, "create"):
+                _write_atomic(path / ENGINE_FILE, json.dumps(meta, indent=1))
+        except BaseException:
+            bank.close()
+            raise
         return cls(bank, m, path)
 
     @classmethod
@@ -269,13 +294,18 @@ class Engine:
         path = Path(path)
         meta_file = path / ENGINE_FILE
         if not meta_file.exists():
+            if (path / "index" / "data.mdb").exists():  # Bank.create finished, writing engine.json did not
+                raise BankFormatError(f"{path}: {ENGINE_FILE} is missing, so the model that serves this bank is "
+                                      "unknown (was `msabank init` interrupted?)",
+                                      hint=f"if it holds nothing you need, remove {path} and run `msabank init` again")
             raise BankNotFoundError(f"{path}: no msabank bank here", hint=f"create one with `msabank init {path}`")
-        meta = json.loads(meta_file.read_text())
+        meta = _read_engine_file(path)
         mpath = resolve_model_path(model if model is not None else meta.get("model"))
         m = load_model(mpath, device=pick_device(device))
         cache = dict(meta.get("weights_sha256", {}))
         fp = checkpoint_fingerprint(mpath, m, meta.get("dtype", "bfloat16"), cache)
-        bank = Bank.open(path, fingerprint=fp, readonly=readonly)
+        with _bank_io(path, "open"):
+            bank = Bank.open(path, fingerprint=fp, readonly=readonly)
         return cls(bank, m, path, group=group)
 
     def close(self) -> None:
@@ -358,8 +388,11 @@ class Engine:
         return self.put([(doc_id, text)])
 
     def delete(self, doc_ids: Sequence[str]) -> WriteReport:
-        """Tombstone documents; an id that is not live raises DocumentNotFoundError and nothing is committed."""
-        return self.bank.write([], delete=list(doc_ids))
+        """Tombstone documents; an id that is not live raises DocumentNotFoundError and nothing is committed.
+
+        A single string is one id (not its characters); an id named twice is deleted once."""
+        ids = [doc_ids] if isinstance(doc_ids, str) else list(doc_ids)
+        return self.bank.write([], delete=list(dict.fromkeys(ids)))
 
     # ---- reading --------------------------------------------------------------------------------
 
@@ -489,6 +522,13 @@ class Engine:
         inject control tokens or move the routing regions.
         """
         q = _check_question(question)
+        _check_generation_options(max_rounds=max_rounds, max_new_tokens=max_new_tokens, token_budget=token_budget,
+                                  temperature=temperature, top_p=top_p)
+        n_prompt = len(P.question_prompt(self.tokenizer, q).ids)
+        if n_prompt >= token_budget:
+            raise InputError(f"the question is {n_prompt} tokens with the prompt; the transcript budget is "
+                             f"{token_budget} tokens, which leaves no room to answer",
+                             hint="shorten the question")
         with self.bank.snapshot() as snap:  # one consistent bank version for the whole question
             return self._ask(snap, q, max_rounds, max_new_tokens, token_budget, temperature, top_p, seed)
 
@@ -623,6 +663,56 @@ def _tokenizer(model: MSAModel) -> P.Tokenizer:
     return model.tokenizer
 
 
+STORAGE_DTYPES = ("bfloat16", "float16", "float32")
+
+
+def _read_engine_file(path: Path) -> dict[str, Any]:
+    f = path / ENGINE_FILE
+    try:
+        meta = json.loads(f.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise BankAccessError(f"{f}: cannot read ({err.strerror})",
+                              hint="check the owner and permissions of the bank directory") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise BankFormatError(f"{f}: not valid JSON ({err}); it records which model serves the bank",
+                              hint="restore it from a backup, or re-ingest the corpus into a new bank") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("model", ""), str):
+        raise BankFormatError(f"{f}: not an msabank engine file (expected a JSON object with \"model\")",
+                              hint="restore it from a backup, or re-ingest the corpus into a new bank")
+    return meta
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _bank_io(path: Path, action: str) -> Iterator[None]:
+    """Turns OS / LMDB failures while opening or creating a bank into BankError naming the bank."""
+    import lmdb
+
+    try:
+        yield
+    except PermissionError as err:
+        raise BankAccessError(f"cannot {action} bank {path}: permission denied ({err.filename or path})",
+                              hint=_CREATE_HINT if action == "create" else _ACCESS_HINT) from None
+    except lmdb.Error as err:
+        if "ermission denied" in str(err) or isinstance(err, lmdb.ReadonlyError):
+            raise BankAccessError(f"cannot {action} bank {path}: {err}", hint=_ACCESS_HINT) from None
+        raise BankError(f"cannot {action} bank {path}: {err}", hint="check the path and the disk") from None
+    except OSError as err:
+        where = f" ({err.filename})" if err.filename else ""
+        raise BankError(f"cannot {action} bank {path}: {err.strerror or err}{where}",
+                        hint="check the path: every folder above the bank must be a directory you can write") from None
+
+
+_CREATE_HINT = "pick a path in a folder you can write to"
+_ACCESS_HINT = ("msabank needs write access to the bank directory, even to read it (LMDB keeps its reader table in "
+                "index/lock.mdb); check its owner and permissions")
+
+
 def _dtype_name(dt: Any) -> str:
     s = str(dt).replace("torch.", "")
     return s if s in ("bfloat16", "float16", "float32") else "bfloat16"
@@ -649,6 +739,20 @@ def _check_question(question: str) -> str:
     return question.strip()
 
 
+def _check_generation_options(*, max_rounds: int, max_new_tokens: int, token_budget: int, temperature: float,
+                              top_p: float) -> None:
+    import math
+
+    for name, value, low in (("max_rounds", max_rounds, 0), ("max_new_tokens", max_new_tokens, 1),
+                             ("token_budget", token_budget, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise InputError(f"{name} must be an integer >= {low}, got {value!r}")
+    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+        raise InputError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if not isinstance(top_p, (int, float)) or not 0 <= top_p <= 1:
+        raise InputError(f"top_p must be in [0, 1], got {top_p!r}")
+
+
 def _validate_items(items: Sequence[tuple[str, str]]) -> None:
     seen: set[str] = set()
     for i, (doc_id, text) in enumerate(items):
@@ -662,18 +766,27 @@ def _validate_items(items: Sequence[tuple[str, str]]) -> None:
 
 
 def _batches(records: Iterable[Any], size: int) -> Iterator[list[tuple[str, str]]]:
+    if isinstance(records, (str, bytes, Mapping)):
+        raise InputError(f"records must be an iterable of (id, text) pairs, {{'id', 'text'}} mappings or batches "
+                         f"of them, got a {type(records).__name__}")
     buf: list[tuple[str, str]] = []
-    for rec in records:
-        if isinstance(rec, tuple) and len(rec) == 2 and isinstance(rec[0], str):
+    for i, rec in enumerate(records):
+        if isinstance(rec, tuple) and len(rec) == 2 and isinstance(rec[0], str) and isinstance(rec[1], str):
             buf.append(rec)
+        elif (isinstance(rec, (list, tuple)) and len(rec) == 2
+              and not any(isinstance(x, (list, tuple, Mapping)) for x in rec)):  # one pair, not a batch
+            buf.append(_record_pair(rec, f"record {i}"))
         elif isinstance(rec, Mapping):
-            buf.append((str(rec["id"]), str(rec["text"])))
-        else:  # a batch from a corpus reader
+            buf.append(_record_pair(rec, f"record {i}"))
+        elif isinstance(rec, (list, tuple)) and not isinstance(rec, (str, bytes)):  # a batch from a corpus reader
             if buf:
                 yield buf
                 buf = []
-            yield [(str(a), str(b)) for a, b in _pairs(rec)]
+            yield [_record_pair(item, f"record {i} item {j}") for j, item in enumerate(rec)]
             continue
+        else:
+            raise InputError(f"record {i}: expected an (id, text) pair, an {{'id', 'text'}} mapping or a batch of "
+                             f"them, got {type(rec).__name__} {rec!r:.60}")
         if len(buf) >= size:
             yield buf
             buf = []
@@ -681,14 +794,28 @@ def _batches(records: Iterable[Any], size: int) -> Iterator[list[tuple[str, str]
         yield buf
 
 
-def _pairs(batch: Any) -> Iterator[tuple[str, str]]:
-    for item in batch:
-        if isinstance(item, Mapping):
-            yield item["id"], item["text"]
-        elif hasattr(item, "id") and hasattr(item, "text"):
-            yield item.id, item.text
-        else:
-            yield item[0], item[1]
+def _record_pair(item: Any, where: str) -> tuple[str, str]:
+    """(id, text) of one record: a mapping with "id"/"text", an object with .id/.text, or a pair. Ids may be
+    ints (stringified); anything else is an InputError naming the record."""
+    if isinstance(item, Mapping):
+        missing = [k for k in ("id", "text") if k not in item]
+        if missing:
+            raise InputError(f"{where}: no {missing[0]!r} key (keys: {sorted(map(str, item))[:10]})")
+        uid, text = item["id"], item["text"]
+    elif hasattr(item, "id") and hasattr(item, "text"):
+        uid, text = item.id, item.text
+    elif isinstance(item, (list, tuple)) and len(item) == 2:
+        uid, text = item
+    else:
+        raise InputError(f"{where}: expected an (id, text) pair or an {{'id', 'text'}} mapping, "
+                         f"got {type(item).__name__} {item!r:.60}")
+    if isinstance(uid, int) and not isinstance(uid, bool):
+        uid = str(uid)
+    if not isinstance(uid, str):
+        raise InputError(f"{where}: the id must be a string or an integer, got {type(uid).__name__} {uid!r:.60}")
+    if not isinstance(text, str):
+        raise InputError(f"document {uid!r} ({where}): the text must be a string, got {type(text).__name__}")
+    return uid, text
 
 
 def _extract_answer(text: str) -> str:

@@ -87,6 +87,10 @@ class BankCorruptedError(BankError):
         self.doc_id = doc_id
 
 
+class BankAccessError(BankError, PermissionError):
+    """The operating system refused access to a bank's files (permissions)."""
+
+
 class BankReadOnlyError(BankError):
     """A write on a bank opened read-only."""
 
