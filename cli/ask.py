@@ -29,7 +29,10 @@ def round_lines(ans, *, max_docs: int = 6, scores: bool = True) -> list[str]:  #
 
 def render_answer(ans, *, show_transcript: bool = False) -> None:  # noqa: ANN001
     """Answer on stdout; rounds, evidence and timings after it."""
-    out_console.print(f"[bold]{ans.answer}[/]" if ans.answer else "[dim](no answer)[/]")
+    from rich.text import Text
+
+    # The answer is generated text: a Text, so brackets in it are printed, never parsed as rich markup.
+    out_console.print(Text(ans.answer, style="bold") if ans.answer else Text("(no answer)", style="dim"))
     for line in round_lines(ans):
         out_console.print(line, markup=False)
     t = ans.timings

@@ -12,6 +12,7 @@ import typer
 from msabank.cli._render import emit_json, err_console, out_console, report_line
 from msabank.errors import BankCorruptedError, InputError
 
+MAX_ID_BYTES = 500  # LMDB's key limit, enforced by the bank at commit time
 BankArg = typer.Argument(..., help="Path of the bank directory.")
 ModelOpt = typer.Option(None, "--model", "-m", help="Checkpoint directory (default: the one the bank was made with).")
 DeviceOpt = typer.Option(None, "--device", help="torch device, e.g. cpu or cuda:0 (default: cuda if available).")
@@ -38,7 +39,7 @@ def init(bank: Path = BankArg, model: Optional[str] = typer.Option(None, "--mode
             emit_json({"path": str(bank), "geometry": g, "version": eng.bank.version})
         else:
             out_console.print(f"created bank {bank} ({g.num_router_layers} router layers, {g.num_kv_heads}x"
-                              f"{g.head_dim} KV, chunk {g.chunk_size}, {g.dtype})")
+                              f"{g.head_dim} KV, chunk {g.chunk_size}, {g.dtype})", markup=False)
 
 
 def ingest(bank: Path = BankArg,
@@ -92,7 +93,14 @@ def validate_corpus(corpus: Path, *, id_field: str, text_field: str, fmt: Option
             if doc_id in seen:
                 raise InputError(f"record {n}: duplicate id {doc_id!r} (it appears earlier in the corpus)",
                                  path=str(corpus))
+            if len(doc_id.encode("utf-8")) > MAX_ID_BYTES:  # the bank refuses it at commit, after earlier batches
+                raise InputError(f"record {n}: id {doc_id[:40]!r}… is {len(doc_id.encode('utf-8'))} bytes; ids are "
+                                 f"at most {MAX_ID_BYTES} bytes (UTF-8)", path=str(corpus),
+                                 hint="shorten the ids, e.g. use a hash or a path relative to the corpus")
             seen.add(doc_id)
+    if n == 0:  # an empty folder or a wrong path would otherwise ingest nothing, or with --sync delete everything
+        raise InputError("the corpus has no documents", path=str(corpus),
+                         hint="a folder corpus takes .txt and .md files; check the path and --format")
     return n
 
 
@@ -114,7 +122,7 @@ def update(bank: Path = BankArg, doc_id: str = typer.Argument(..., help="The doc
     if json_out:
         emit_json({"report": report, "id": doc_id, "number": rec.number, "version": rec.version})
     else:
-        out_console.print(f"{doc_id} [{rec.number}] is now version {rec.version}: {report_line(report)}")
+        out_console.print(f"{doc_id} [{rec.number}] is now version {rec.version}: {report_line(report)}", markup=False)
 
 
 def delete(bank: Path = BankArg, doc_ids: list[str] = typer.Argument(..., help="Document ids to delete."),
@@ -125,10 +133,11 @@ def delete(bank: Path = BankArg, doc_ids: list[str] = typer.Argument(..., help="
     emit_json({"report": report}) if json_out else out_console.print(report_line(report))
 
 
-def ls(bank: Path = BankArg, limit: int = typer.Option(0, "--limit", help="Show at most this many (0: all)."),
+def ls(bank: Path = BankArg, limit: int = typer.Option(0, "--limit", min=0, help="Show at most this many (0: all)."),
        model: Optional[str] = ModelOpt, json_out: bool = JsonOpt) -> None:
     """List live documents."""
     from rich.table import Table
+    from rich.text import Text
 
     with _open(bank, model, "cpu", readonly=True) as eng:
         recs = list(eng.list())
@@ -139,8 +148,9 @@ def ls(bank: Path = BankArg, limit: int = typer.Option(0, "--limit", help="Show 
         return
     table = Table("id", "number", "version", "tokens", "chunks", "text")
     for r in recs:
-        table.add_row(r.user_id, str(r.number), str(r.version), str(r.n_tokens), str(r.num_chunks),
-                      _preview(r.text))
+        # Ids and text are user data: Text cells, so `[bold]` or `[/]` in them is shown, never parsed as markup.
+        table.add_row(Text(r.user_id), str(r.number), str(r.version), str(r.n_tokens), str(r.num_chunks),
+                      Text(_preview(r.text)))
     out_console.print(table)
 
 
@@ -152,14 +162,16 @@ def _preview(text: str, width: int = 60) -> str:
 def show(bank: Path = BankArg, doc_id: str = typer.Argument(..., help="The document's id."),
          model: Optional[str] = ModelOpt, json_out: bool = JsonOpt) -> None:
     """Show one document: text, number, versions."""
+    from rich.text import Text
+
     with _open(bank, model, "cpu", readonly=True) as eng:
         rec = eng.get(doc_id)
         versions = eng.bank.versions(doc_id)
     if json_out:
         emit_json({"document": rec, "versions": versions})
         return
-    out_console.print(f"[bold]{rec.user_id}[/] [{rec.number}] version {rec.version}, {rec.n_tokens} tokens, "
-                      f"{rec.num_chunks} chunks")
+    out_console.print(Text.assemble((rec.user_id, "bold"), f" [{rec.number}] version {rec.version}, {rec.n_tokens} "
+                                    f"tokens, {rec.num_chunks} chunks"))
     for v in versions:
         out_console.print(f"  v{v.version} {v.kind} at bank version {v.bank_version} "
                           f"({time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(v.committed_at))})")
@@ -193,7 +205,8 @@ def verify(bank: Path = BankArg, model: Optional[str] = ModelOpt, json_out: bool
     if not rep.ok:
         raise BankCorruptedError(f"{len(rep.problems)} problem(s) in {bank}",
                                  doc_id=rep.corrupted[0] if rep.corrupted else None,
-                                 hint="re-ingest the named documents; `msabank compact` drops unreferenced rows")
+                                 hint=f"`msabank delete {bank} ID…` the named documents, `msabank compact {bank}`, then "
+                                      "ingest them again (a plain re-ingest skips them: their text is unchanged)")
 
 
 def compact(bank: Path = BankArg, model: Optional[str] = ModelOpt, json_out: bool = JsonOpt) -> None:

@@ -64,11 +64,18 @@ def bench(
 
         out.mkdir(parents=True, exist_ok=True)
         run_storage_bench(out / "bench_storage.json", log=err_console.print)
-        err_console.print(f"results in {out / 'bench_storage.json'}")
+        err_console.print(f"results in {out / 'bench_storage.json'}", markup=False)
         return
-    res = run(what.value, out_dir=out, sizes=[parse_tokens(s) for s in sizes.split(",")],
-              q_tokens=[int(x) for x in q_tokens.split(",")], impls=impls.split(","),
-              gpus=[int(x) for x in gpus.split(",")], layers=layers, reps=reps, device=device, sweep=sweep,
+    from msabank.cli.train import _int_list
+    from msabank.errors import InputError
+
+    try:
+        size_list = [parse_tokens(s) for s in sizes.split(",")]
+    except ValueError:
+        raise InputError(f"--sizes {sizes!r}: each size is a number of tokens, e.g. 1M,10M,100M or 250000") from None
+    res = run(what.value, out_dir=out, sizes=size_list,
+              q_tokens=_int_list(q_tokens, "--q-tokens"), impls=impls.split(","),
+              gpus=_int_list(gpus, "--gpus"), layers=layers, reps=reps, device=device, sweep=sweep,
               memory_parallel=memory_parallel)
     r = res.get("routing")
     if r:
@@ -86,7 +93,8 @@ def bench(
             x = f[name]
             out_console.print(f"fetch {name}: {x['ms']:.3f} ms, {x['GBps']:.1f} GB/s"
                               + (f" ({x['x_pinned_h2d']:.0%} of pinned H2D)" if "x_pinned_h2d" in x else ""))
-    err_console.print(f"results in {out}" + ("" if res.get("plot") else " (no plot: matplotlib missing or nothing to plot)"))
+    err_console.print(f"results in {out}" + ("" if res.get("plot") else " (no plot: matplotlib missing or nothing to plot)"),
+                      markup=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -31,6 +31,8 @@ def demo(docs: int = typer.Option(300, "--docs", min=20, help="Documents in the 
          json_out: bool = typer.Option(False, "--json", help="Machine-readable results on stdout.")) -> None:
     """Build a demo bank from a fresh seed, ask single- and two-hop questions with the evidence, then
     update a document and show the answer change."""
+    from rich.markup import escape
+
     from msabank.engine import Engine
     from msabank.synth import World
 
@@ -42,7 +44,7 @@ def demo(docs: int = typer.Option(300, "--docs", min=20, help="Documents in the 
     with tempfile.TemporaryDirectory(prefix="msabank-demo-") as tmp:
         path = bank or Path(tmp) / "bank"
         with Engine.create(path, model, device=device) as eng:
-            err_console.print(f"[bold]demo[/] seed {seed}: ingesting {docs} synthetic documents into {path} …")
+            err_console.print(f"[bold]demo[/] seed {seed}: ingesting {docs} synthetic documents into {escape(str(path))} …")
             rep = eng.ingest(((d.id, d.text) for d in world.documents()), batch_size=64)
             st = eng.stats()
             err_console.print(f"  {rep.added} documents, {st.tokens} tokens, {st.live_chunks} chunks "
@@ -88,7 +90,9 @@ def demo(docs: int = typer.Option(300, "--docs", min=20, help="Documents in the 
 def _show(question: str, expected: str, ans, ok: bool, label: str = "") -> None:  # noqa: ANN001
     mark = "[green]✓[/]" if ok else "[red]✗[/]"
     out_console.print(f"\n[bold]Q{(' ' + label) if label else ''}:[/] {question}")
-    out_console.print(f"  {mark} answer: [bold]{ans.answer or '(none)'}[/]   expected: {expected}")
+    from rich.markup import escape
+
+    out_console.print(f"  {mark} answer: [bold]{escape(ans.answer or '(none)')}[/]   expected: {escape(expected)}")
     from msabank.cli.ask import round_lines
 
     for line in round_lines(ans, max_docs=3, scores=False):

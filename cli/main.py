@@ -23,6 +23,19 @@ class _ErrorBoundary(TyperGroup):
                 raise
             _print_error(err)
             ctx.exit(1)
+        except OSError as err:  # a file the user named, a full disk, permissions: say which file and why
+            if os.environ.get("MSABANK_DEBUG"):
+                raise
+            where = f"{err.filename}: " if err.filename else ""
+            _print_error(MsabankError(f"{where}{err.strerror or err}",
+                                      hint="check the path, its permissions and the free disk space"))
+            ctx.exit(1)
+        except KeyboardInterrupt:
+            if os.environ.get("MSABANK_DEBUG"):
+                raise
+            _print_error(MsabankError("interrupted", hint="what was committed before the interrupt is kept; run the same "
+                                      "command again to resume (ingest skips committed documents)"))
+            ctx.exit(130)
 
 
 app = typer.Typer(

@@ -10,6 +10,26 @@ from typing import Optional
 import typer
 
 from msabank.cli._render import emit_json, out_console
+from msabank.errors import ConfigError, InputError
+
+
+def _int_list(value: str, option: str) -> list[int]:
+    """`1,2,3` → [1, 2, 3]; InputError naming the option and the bad item otherwise."""
+    out = []
+    for x in value.split(","):
+        if not x.strip():
+            continue
+        try:
+            n = int(x)
+        except ValueError:
+            raise InputError(f"{option} {value!r}: {x.strip()!r} is not an integer",
+                             hint=f"give comma-separated integers, e.g. {option} 16000,131072") from None
+        if n < 1:
+            raise InputError(f"{option} {value!r}: {n} must be at least 1")
+        out.append(n)
+    if not out:
+        raise InputError(f"{option} is empty", hint=f"give comma-separated integers, e.g. {option} 16000")
+    return out
 
 
 def gen_corpus(out: Path = typer.Argument(..., help="Output folder (documents.*, questions.*, corpus.json)."),
@@ -24,12 +44,18 @@ def gen_corpus(out: Path = typer.Argument(..., help="Output folder (documents.*,
                                                         "(default: the embedded model's)."),
                json_out: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """Write a seeded synthetic memory corpus: entities, single-hop, two-hop and needle questions."""
-    from tokenizers import Tokenizer
-
+    from msabank.engine import resolve_model_path
+    from msabank.prompt import Tokenizer
     from msabank.synth import write_corpus
-    from msabank.train import default_model_path
 
-    tok = Tokenizer.from_file(str(Path(model or default_model_path()) / "tokenizer.json"))
+    if fmt not in ("jsonl", "parquet"):
+        raise InputError(f"unknown --format {fmt!r}", hint="use jsonl or parquet")
+    mdir = resolve_model_path(model)
+    try:
+        tok = Tokenizer.from_file(mdir / "tokenizer.json")
+    except Exception as err:  # tokenizers raises a bare Exception for a missing or malformed file
+        raise ConfigError(f"{mdir / 'tokenizer.json'}: cannot load the tokenizer ({err})",
+                          hint="point --model at a checkpoint directory with tokenizer.json") from None
     summary = write_corpus(out, seed=seed, tokens=tokens, num_questions=questions, fmt=fmt, tokenizer=tok,
                            needle_every=needle_every)
     if json_out:
@@ -60,8 +86,10 @@ def train(out: Path = typer.Argument(..., help="Checkpoint directory to write.")
     from msabank.train.loop import TrainConfig, default_model_config, new_model
     from msabank.train.loop import train as run
 
+    from msabank.engine import pick_device
+
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dev = str(pick_device(device))
     if init:
         model = load_model(init, device=dev, dtype=torch.float32)
         tok = model.tokenizer
@@ -71,8 +99,8 @@ def train(out: Path = typer.Argument(..., help="Checkpoint directory to write.")
     tc = TrainConfig(out_dir=str(out), steps=steps, time_budget_s=seconds, questions=questions, memory=memory,
                      lr=lr, warmup_frac=warmup_frac, force_every=force_every, workers=workers, device=dev,
                      seed=seed)
-    run(model, tok, tc, on_log=lambda row: out_console.print(json.dumps(row)))  # type: ignore[arg-type]
-    out_console.print(f"saved {out}")
+    run(model, tok, tc, on_log=lambda row: out_console.print(json.dumps(row), markup=False))  # type: ignore[arg-type]
+    out_console.print(f"saved {out}", markup=False)
 
 
 def eval_(model: Optional[str] = typer.Option(None, "--model", "-m", help="Checkpoint (default: the embedded one)."),
@@ -83,17 +111,17 @@ def eval_(model: Optional[str] = typer.Option(None, "--model", "-m", help="Check
           device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda if available)."),
           json_out: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """Answer exact match, routing recall@k per layer, with and without interleave, versus bank size."""
-    import torch
-
+    from msabank.engine import pick_device
     from msabank.evaluate import EVAL_SEED_BASE, evaluate
     from msabank.model import load_model
     from msabank.train import default_model_path
 
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    sizes = _int_list(tokens, "--tokens")
+    dev = pick_device(device)
     m = load_model(model or default_model_path(), device=dev)
     base = EVAL_SEED_BASE if seed is None else seed
     results = []
-    for i, t in enumerate(int(x) for x in tokens.split(",") if x.strip()):
+    for i, t in enumerate(sizes):
         r = evaluate(m, tokens=t, seed=base + i, questions=questions)
         results.append(r)
         if not json_out:
