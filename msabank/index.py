@@ -173,6 +173,7 @@ class RoutingIndex:
             self._check_keys(src, total)
             self._keys[got][s0 : s0 + total].copy_(src)
             got += 1
+            del src  # a generator's layer can be freed before the next one is produced
         if got != self.num_router_layers:
             raise InputError(f"expected keys for {self.num_router_layers} router layers, got {got}")
         self._kill(set(numbers) & self._segs.ranges.keys())

@@ -160,3 +160,38 @@ def test_empty_bank_answers_without_memory(tmp_path: Path, golden: Path) -> None
         assert eng.retrieve("anything?") == []
         ans = eng.ask("anything?", max_new_tokens=3, max_rounds=1)
         assert ans.rounds[0].documents == [] and len(ans.rounds[0].tokens) >= 1
+
+
+def test_index_load_is_sized_exactly(tmp_path: Path, golden: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first refresh reserves the routing index and content arena once, for exactly the live rows."""
+    import msabank.index
+
+    import weakref
+
+    from msabank.storage.snapshot import Snapshot
+
+    monkeypatch.setattr(msabank.index, "_MIN_CAPACITY", 1)  # small banks would otherwise hide the sizing
+    alive, peak = [0], [0]
+    read = Snapshot.routing_keys
+
+    def counted(self: Snapshot, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, rows = read(self, layer)
+        alive[0] += 1
+        peak[0] = max(peak[0], alive[0])
+        weakref.finalize(keys, lambda: alive.__setitem__(0, alive[0] - 1))
+        return keys, rows
+
+    monkeypatch.setattr(Snapshot, "routing_keys", counted)
+    with _build(tmp_path, golden, "p64") as eng:
+        eng.update("doc1", "A replaced second document about the harbour bells of Ostmark.")  # one dead span
+        eng.refresh()
+        assert len(eng.model.config.router_layers) > 1 and peak[0] == 1  # one layer of keys in host memory at a time
+        live = sum(rec.num_chunks for rec in eng.bank.list(text=False))
+        assert eng._index.num_rows == live and eng._index._capacity == live
+        arena_rows = eng._content._arena.shape[0]
+        assert live <= arena_rows < 2 * max(live, 1)  # one power-of-two block, no growth on the way
+        # a later update appends in place (a quarter more room at most), still serving the right rows
+        eng.update("doc2", "Another replacement, long enough to take several chunks. " * 6)
+        eng.refresh()
+        live = sum(rec.num_chunks for rec in eng.bank.list(text=False))
+        assert eng._index.num_rows == live
