@@ -350,7 +350,8 @@ def _acquire_writer_lock(root: Path) -> int:
             os.close(fd)
         raise BankLockedError(
             f"bank {root} is locked by pid {pid}",
-            hint="another msabank process is writing; wait for it, or open the bank read-only",
+            hint="another msabank process is writing; wait for it (reading commands such as ask, ls and verify "
+            "work meanwhile; in Python, Bank.open(path, readonly=True))",
         ) from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, str(os.getpid()).encode(), 0)

@@ -88,6 +88,12 @@ def _validate(
         k = first_row + j
         if uid is None or (isinstance(uid, str) and not uid):
             raise InputError(f"missing or empty id field {id_field!r}", path=path, line=where(k))
+        if isinstance(uid, bool) or not isinstance(uid, (str, int)):
+            # str() of an object, list or float would store a Python repr ("{'a': 1}", "1e+20") as the id
+            raise InputError(
+                f"id field {id_field!r} must be a string or an integer, not {type(uid).__name__} {uid!r:.60}",
+                path=path, line=where(k),
+            )
         uid = str(uid)
         if text is None:
             raise InputError(f"missing text field {text_field!r}", path=path, line=where(k))

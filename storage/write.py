@@ -16,10 +16,11 @@ from typing import TYPE_CHECKING
 import lmdb
 import numpy as np
 
-from msabank.errors import InputError
+from msabank.errors import BankCorruptedError, InputError
 from msabank.storage.codec import crc32c, stored_rows
 from msabank.storage.index import Index, enc, k_num, k_ver, pack_span
 from msabank.storage.records import Action, DocumentWrite, Planned, VersionRecord, WriteReport, content_hash
+from msabank.storage.tensors import ChunkReadError
 
 if TYPE_CHECKING:
     from msabank.storage.bank import Bank
@@ -177,9 +178,20 @@ def write_docs(bank: Bank, docs: Sequence[DocumentWrite], delete: Sequence[str] 
             return WriteReport(0, 0, unchanged, 0, st.version)
         capacity = st.capacity
         if contents:  # data first: rows written and fsynced before the pointer
-            capacity = s.gen.append(
-                st.rows, st.capacity, np.concatenate(contents), [np.concatenate(r) for r in routings]
-            )
+            try:
+                capacity = s.gen.append(
+                    st.rows, st.capacity, np.concatenate(contents), [np.concatenate(r) for r in routings]
+                )
+            except ChunkReadError as err:  # the committed tail chunk an append rewrites cannot be read back
+                lo, hi = err.rows
+                numbers, starts, counts = s.row_map()
+                bad = [s.user_id(int(n)) for n, a, c in zip(numbers, starts, counts) if a < hi and a + c > lo]
+                raise BankCorruptedError(
+                    f"bank {bank.path}: cannot append after a damaged chunk: {err} (documents {bad[:5]})",
+                    doc_id=bad[0] if bad else None,
+                    hint="nothing was written; delete the documents named, run `msabank compact` (it rewrites "
+                    "the chunk), then ingest them again",
+                ) from None
             s.gen.sync()
         new_state = replace(
             st,

@@ -177,6 +177,24 @@ def test_flipped_byte_is_detected(tmp_path: Path, array: str) -> None:
             bank.compact()
 
 
+def test_append_after_a_damaged_tail_chunk_names_the_documents(tmp_path: Path) -> None:
+    """An append rewrites the committed tail chunk; if that cannot be read back, the write is refused cleanly."""
+    with H.create(tmp_path / "b", content_chunk_rows=64, routing_chunk_rows=64) as bank:
+        H.put(bank, [("a", "first doc"), ("b", "second doc")])  # both in content chunk 0, not yet full
+        (chunk,) = (bank.path / "tensors" / "gen-000001" / "content").glob("c.0*")
+        chunk.write_bytes(b"not a blosc frame")
+        with pytest.raises(BankCorruptedError, match="cannot append after a damaged chunk") as ei:
+            H.put(bank, [("c", "third doc")])
+        assert ei.value.doc_id in ("a", "b") and "compact" in ei.value.hint
+        assert sorted(r.user_id for r in bank.list()) == ["a", "b"]  # nothing committed
+    with Bank.open(tmp_path / "b", fingerprint=H.FINGERPRINT) as bank:  # reopens; the repair the hint names works
+        bank.delete(["a", "b"])
+        bank.compact()
+        H.put(bank, [("a", "first doc"), ("c", "third doc")])
+        assert bank.verify().ok
+        H.check_doc(bank, "c", "third doc")
+
+
 def test_second_writer_is_locked_out(tmp_path: Path) -> None:
     path = tmp_path / "b"
     with H.create(path) as bank:

@@ -54,8 +54,12 @@ def test_formats_roundtrip(tmp_path: Path) -> None:
         (b'{"id": "a", "text": "x"}\n{"id": "b", "text": "  "}\n', 2, "empty text"),
         (b'{"id": "a", "text": "x"}\n{"id": "b", "text": "y"}\n{"id": "a", "text": "z"}\n', 3, "duplicate id 'a'"),
         (b'{"id": "a", "text": "x"}\n{"text": "y"}\n', 2, "missing or empty id"),
+        (b'{"id": {"k": 1}, "text": "x"}\n{"id": {"k": 2}, "text": "y"}\n', 1, "string or an integer, not dict"),
+        (b'{"id": 1.5, "text": "x"}\n', 1, "string or an integer, not float"),
+        (b'{"id": true, "text": "x"}\n', 1, "string or an integer, not bool"),
     ],
-    ids=["bad-json", "missing-text", "non-utf8", "empty-text", "duplicate-id", "missing-id"],
+    ids=["bad-json", "missing-text", "non-utf8", "empty-text", "duplicate-id", "missing-id", "dict-id", "float-id",
+         "bool-id"],
 )
 def test_jsonl_errors_name_file_and_line(tmp_path: Path, content: bytes, line: int, match: str) -> None:
     path = tmp_path / "bad.jsonl"
