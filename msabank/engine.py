@@ -445,7 +445,7 @@ class Engine:
         # at 100M tokens and the MSA-4B geometry, not 57.6 GB), the index holds exactly this rank's rows and
         # the content arena is allocated once (docs/engine.md, "Sizing").
         index.reserve(rows.numel())
-        content.reserve(int(counts[mine].sum()))
+        content.reserve(rows.numel())  # one content row per routing row (chunk)
         if rows.numel():
             row_mine = torch.from_numpy(mine.repeat(counts)) if self._world > 1 else None
 
