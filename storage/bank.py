@@ -40,7 +40,7 @@ from msabank.errors import (
 )
 from msabank.storage import maintenance
 from msabank.storage.codec import TORCH_DTYPE, crc32c, from_stored, to_stored
-from msabank.storage.index import Index, close_index, dec, enc, open_index
+from msabank.storage.lmdb_index import Index, close_index, dec, enc, open_index
 from msabank.storage.records import (
     BankStats,
     Changes,

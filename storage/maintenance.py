@@ -20,7 +20,7 @@ import numpy as np
 
 from msabank.errors import BankCorruptedError
 from msabank.storage.codec import crc32c
-from msabank.storage.index import dec, enc, k_num, num_k, pack_span, unpack_span, ver_k
+from msabank.storage.lmdb_index import dec, enc, k_num, num_k, pack_span, unpack_span, ver_k
 from msabank.storage.records import CompactReport, VerifyReport, VersionRecord
 from msabank.storage.snapshot import Snapshot
 from msabank.storage.state import gen_dir

@@ -24,7 +24,7 @@ import torch
 
 from msabank.errors import BankCorruptedError, DocumentNotFoundError
 from msabank.storage.codec import crc32c, from_stored, memory_from_rows
-from msabank.storage.index import dec, k_num, k_ver, num_k, unpack_span, ver_k
+from msabank.storage.lmdb_index import dec, k_num, k_ver, num_k, unpack_span, ver_k
 from msabank.storage.records import BankStats, Changes, DocumentRecord, VersionRecord
 from msabank.storage.state import State, gen_dir
 from msabank.storage.tensors import ChunkReadError, Generation, dir_bytes

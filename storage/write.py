@@ -18,7 +18,7 @@ import numpy as np
 
 from msabank.errors import BankCorruptedError, InputError
 from msabank.storage.codec import crc32c, stored_rows
-from msabank.storage.index import Index, enc, k_num, k_ver, pack_span
+from msabank.storage.lmdb_index import Index, enc, k_num, k_ver, pack_span
 from msabank.storage.records import Action, DocumentWrite, Planned, VersionRecord, WriteReport, content_hash
 from msabank.storage.tensors import ChunkReadError
 

@@ -145,7 +145,7 @@ def crash_worker(
     import os
     import signal
 
-    from msabank.storage import index as index_mod
+    from msabank.storage import lmdb_index as index_mod
 
     ops, _ = gen_ops(seed, n, focus)
     fd = os.open(journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)

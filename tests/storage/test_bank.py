@@ -23,7 +23,7 @@ from msabank.errors import (
     InputError,
 )
 from msabank.storage import Bank, DocumentWrite, content_hash
-from msabank.storage.index import enc
+from msabank.storage.lmdb_index import enc
 
 
 def test_create_open_errors(tmp_path: Path) -> None:
