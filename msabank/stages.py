@@ -335,6 +335,7 @@ def _prefill(
     max_new_tokens: int,
     on_route: OnRoute | None,
     trace: Trace | None,
+    selected: Sequence[Sequence[Routed] | None] | None = None,
 ) -> tuple[list[LayerCache], list[list[Routed]], torch.Tensor]:
     cfg, dev, dt = model.config, model.device, model.dtype
     b, t = batch.input_ids.shape
@@ -356,7 +357,10 @@ def _prefill(
             if trace:
                 trace(f"prefill/L{i}/routing_q", qr)
             for s, query in enumerate(routing_queries(qr, route_mask, cfg)):
-                if query.shape[0]:
+                given = selected[s] if selected is not None else None
+                if given is not None:  # replay an earlier prefill's choice (the answer hand-off, spec §6.2)
+                    sel = given[r]
+                elif query.shape[0]:
                     sel = memory.route(r, query)
                 else:  # no routing tokens: nothing to route on, so no memory
                     sel = Routed(numbers=torch.empty(0, dtype=torch.long), scores=torch.empty(0))
@@ -426,13 +430,14 @@ def generate(
     memory: MemoryView,
     *,
     routing_mask: Sequence[bool] | Sequence[Sequence[bool]] | None = None,
-    max_new_tokens: int,
+    max_new_tokens: int | Sequence[int],
     temperature: float = 0.0,
     top_p: float = 1.0,
     stop_ids: Sequence[int] | None = None,
     stop_text: str | None = None,
     seed: int | None = None,
     on_route: OnRoute | None = None,
+    selected: Sequence[Sequence[Routed] | None] | None = None,
     template: tuple[torch.Tensor, torch.Tensor] | None = None,
     keep_logits: bool = False,
     keep_cache: bool = False,
@@ -447,14 +452,19 @@ def generate(
     reuses that context. Greedy when temperature <= 0. A sample stops after emitting any of `stop_ids`
     (default: the checkpoint's EOS ids), once its decoded output contains `stop_text` (the interleave
     marker `<End-of-Retrieve>` is plain text spread over several tokens, spec §1.4), or after
-    max_new_tokens. on_route(sample, layer_index, routed)
-    is called as each router layer selects. `template`: precomputed `template_prefix(model)`.
+    max_new_tokens (one limit for the batch, or one per sample). on_route(sample, layer_index, routed)
+    is called as each router layer selects. `selected[sample]`, when given and not None, is that sample's
+    earlier selection (one `Routed` per router layer) used instead of routing: the answer hand-off decodes
+    with the documents of the round it ends (spec §6.2). `template`: precomputed `template_prefix(model)`.
     `timings`, when given, receives "prefill_s" (routing, fetch and the prompt forward) and "decode_s"
     (device-synchronised wall time).
     """
-    if max_new_tokens < 1:
-        raise ValueError("max_new_tokens must be >= 1")
     prompts = _as_prompts(prompt_ids, routing_mask)
+    limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else [int(n) for n in max_new_tokens]
+    if len(limits) != len(prompts) or min(limits) < 1:
+        raise ValueError("max_new_tokens must be >= 1, one limit or one per prompt")
+    if selected is not None and len(selected) != len(prompts):
+        raise ValueError("selected needs one entry (or None) per prompt")
     tok = _tokenizer(model)
     stops = set(model.stop_ids if stop_ids is None else stop_ids)
     gen = torch.Generator(device=model.device).manual_seed(seed) if seed is not None else None
@@ -464,7 +474,7 @@ def generate(
         batch = pad_batch(prompts, pad_id=tok.pad_id, first_position=t0 + model.config.top_k)
         batch = Batch(*(x.to(model.device) for x in (batch.input_ids, batch.attention_mask, batch.routing_mask, batch.positions)))
         t_start = time.perf_counter()
-        caches, routed, logits = _prefill(model, batch, memory, template, max_new_tokens, on_route, trace)
+        caches, routed, logits = _prefill(model, batch, memory, template, max(limits), on_route, trace, selected)
         first = logits.cpu()  # synchronises the device
         t_prefill = time.perf_counter()
         steps = [first] if keep_logits else []
@@ -472,9 +482,10 @@ def generate(
         b = len(prompts)
         tokens: list[list[int]] = [[] for _ in range(b)]
         done = [False] * b
+        stopped = [False] * b
         # The marker spans at most len(stop_text) tokens (one char each at worst): decode only that tail.
         tail_tokens = len(stop_text) + 1 if stop_text else 0
-        for step in range(max_new_tokens):
+        for step in range(max(limits)):
             if step:
                 logits = _decode_step(model, caches, nxt, last_pos + step, batch.input_ids.shape[1] + step - 1)
                 if keep_logits:
@@ -483,8 +494,9 @@ def generate(
             for s, tid in enumerate(nxt.tolist()):
                 if not done[s]:
                     tokens[s].append(tid)
-                    done[s] = tid in stops or (
+                    stopped[s] = tid in stops or (
                         stop_text is not None and stop_text in tok.decode(tokens[s][-tail_tokens:]))
+                    done[s] = stopped[s] or len(tokens[s]) >= limits[s]
             if all(done):
                 break
     if timings is not None:
@@ -492,7 +504,7 @@ def generate(
         timings["decode_s"] = timings.get("decode_s", 0.0) + time.perf_counter() - t_prefill  # nxt.tolist() synced
     return Generation(
         tokens=tokens,
-        finish_reasons=["stop" if d else "length" for d in done],
+        finish_reasons=["stop" if d else "length" for d in stopped],
         routed=routed,
         first_logits=first,
         step_logits=torch.stack(steps) if keep_logits else None,
