@@ -10,6 +10,9 @@ import typer
 from msabank.cli._render import emit_json, err_console, out_console
 from msabank.cli.bank import BankArg, DeviceOpt, JsonOpt, ModelOpt, _open
 
+NO_ANSWER_EXIT = 3
+"""Exit status of `ask` when the loop ends without an answer (1 is an error, 2 a usage error)."""
+
 
 def round_lines(ans, *, max_docs: int = 6, scores: bool = True) -> list[str]:  # noqa: ANN001
     """One line per interleave round: documents routed to, numbers the model named, documents appended."""
@@ -32,7 +35,10 @@ def render_answer(ans, *, show_transcript: bool = False) -> None:  # noqa: ANN00
     from rich.text import Text
 
     # The answer is generated text: a Text, so brackets in it are printed, never parsed as rich markup.
-    out_console.print(Text(ans.answer, style="bold") if ans.answer else Text("(no answer)", style="dim"))
+    if ans.outcome == "answer":
+        out_console.print(Text(ans.answer, style="bold"))
+    else:  # never print a limit's or an empty bank's generation as if it were an answer
+        err_console.print(Text(f"no answer: {ans.no_answer_reason}"))
     for line in round_lines(ans):
         out_console.print(line, markup=False)
     t = ans.timings
@@ -59,6 +65,8 @@ def ask(bank: Path = BankArg, question: str = typer.Argument(..., help="The ques
         emit_json(ans)
     else:
         render_answer(ans, show_transcript=transcript)
+    if ans.outcome != "answer":
+        raise typer.Exit(NO_ANSWER_EXIT)
 
 
 def retrieve(bank: Path = BankArg, question: str = typer.Argument(..., help="The question."),

@@ -52,12 +52,11 @@ def demo(docs: int = typer.Option(300, "--docs", min=20, help="Documents in the 
             questions = (world.questions(2, seed=seed + 1, kinds=("single",))
                          + world.questions(2, seed=seed + 2, kinds=("twohop",))
                          + world.questions(1, seed=seed + 3, kinds=("needle",)))
-            for q in questions:
-                ans = eng.ask(q.question)
+            for q, ans in zip(questions, eng.ask_batch([q.question for q in questions])):
                 ok = ans.answer.strip() == q.answer
                 results["questions"].append({"question": q.question, "expected": q.answer, "answer": ans.answer,
                                              "correct": ok, "hops": q.hops, "gold": [world.document(g).id for g in q.gold],
-                                             "evidence": [h.id for h in ans.evidence], "seconds": ans.timings["total"]})
+                                             "evidence": [h.id for h in ans.evidence], "batch_seconds": ans.timings["total"]})
                 if not json_out:
                     _show(q.question, q.answer, ans, ok)
             # Update: change the fact a question asks about and ask again in the same long-lived engine.
@@ -92,7 +91,8 @@ def _show(question: str, expected: str, ans, ok: bool, label: str = "") -> None:
     out_console.print(f"\n[bold]Q{(' ' + label) if label else ''}:[/] {question}")
     from rich.markup import escape
 
-    out_console.print(f"  {mark} answer: [bold]{escape(ans.answer or '(none)')}[/]   expected: {escape(expected)}")
+    said = escape(ans.answer) if ans.outcome == "answer" else f"(no answer: {escape(ans.no_answer_reason or '')})"
+    out_console.print(f"  {mark} answer: [bold]{said}[/]   expected: {escape(expected)}")
     from msabank.cli.ask import round_lines
 
     for line in round_lines(ans, max_docs=3, scores=False):

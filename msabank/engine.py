@@ -10,32 +10,34 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import dataclasses
 import json
 import logging
 import os
-import re
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
+from msabank import interleave
 from msabank import prompt as P
 from msabank import stages
 from msabank.errors import (BankAccessError, BankError, BankExistsError, BankFormatError, BankNotFoundError, ConfigError,
                             DocumentNotFoundError, InputError)
 from msabank.index import ContentStore, RoutingIndex
+from msabank.interleave import Answer, Hit, Round
 from msabank.model import MSAModel, load_model
 from msabank.storage.bank import Bank, Snapshot
 from msabank.storage.records import DocumentRecord, DocumentWrite, Geometry, Planned, WriteReport
 from msabank.types import EncodedMemory, Routed
 
+__all__ = ["Engine", "open_bank", "Answer", "Hit", "Round", "SnapshotDocuments", "BankMemory"]
+
 log = logging.getLogger("msabank.engine")
 
 ENGINE_FILE = "engine.json"  # which model serves the bank (a hint; the fingerprint is what binds)
 DEFAULT_MODEL = "default"
-_ID_RE = re.compile(r"\[(\d+)\]")
 
 Progress = Callable[[int, int], None]
 """progress(documents_done, tokens_encoded), called after each committed batch (unchanged documents are
@@ -79,73 +81,6 @@ def pick_device(device: str | None) -> torch.device:
             raise ConfigError(f"device {device!r}: this machine has {count} CUDA device(s)",
                               hint=f"use cuda:0 .. cuda:{count - 1}")
     return dev
-
-
-# ---------------------------------------------------------------------------------------------------
-# Results
-
-
-@dataclass(frozen=True, slots=True)
-class Hit:
-    """One retrieved document: its ids and its scores in the router layers that selected it."""
-
-    id: str
-    """The user's document id."""
-    number: int
-    """The permanent document number `[n]`."""
-    score: float
-    """Best score over the layers that selected it."""
-    layers: dict[int, float]
-    """Router layer (model layer index) → score, for the layers whose top-k included it."""
-
-
-@dataclass(frozen=True, slots=True)
-class Round:
-    """One interleave round: routing over the transcript, then what the model generated."""
-
-    index: int
-    """0 for the question alone, then one per injection."""
-    documents: list[Hit]
-    """Documents routed to in this round (union over router layers), best first."""
-    generated: str
-    """Text the model generated in this round (special tokens kept)."""
-    tokens: list[int]
-    """The token ids generated in this round (before any hand-off text)."""
-    requested: list[int]
-    """Document numbers the model named `[n]` at the end of the round (empty in the final round)."""
-    injected: list[str]
-    """User ids of the documents whose text was appended after this round."""
-    seconds: float
-    """Wall time of the round."""
-
-
-@dataclass(frozen=True, slots=True)
-class Answer:
-    """The result of `Engine.ask`."""
-
-    question: str
-    answer: str
-    """The text after `The answer to the question is:` (or the final text when the model skipped it)."""
-    rounds: list[Round]
-    finish: str
-    """"answer" (model answered), "eos", "round_limit" or "token_budget"."""
-    transcript: str
-    """The whole transcript as the model saw it, special tokens kept."""
-    timings: dict[str, float]
-    """Seconds: refresh (index catch-up), route (scoring + top-k), fetch (content K/V to the device),
-    prefill (the prompt forward, excluding route and fetch), decode, total; summed over rounds."""
-
-    @property
-    def evidence(self) -> list[Hit]:
-        """Every document that was injected as text, in order (the hops the model took)."""
-        seen: dict[str, Hit] = {}
-        for r in self.rounds:
-            for uid in r.injected:
-                for h in r.documents:
-                    if h.id == uid:
-                        seen.setdefault(uid, h)
-                seen.setdefault(uid, Hit(uid, -1, float("nan"), {}))
-        return list(seen.values())
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -204,19 +139,27 @@ class BankMemory:
         return kv[:, layer_index, 0], kv[:, layer_index, 1]
 
 
-class ReplayMemory:
-    """Serves the routing decisions of an earlier prefill again (the answer hand-off does not re-route:
-    in the official engine the restatement is decoded with the same compacted cache, spec §6.2)."""
+class SnapshotDocuments:
+    """`interleave.Documents` over one bank snapshot: names and texts by document number."""
 
-    def __init__(self, inner: BankMemory, routed: Sequence[Routed]) -> None:
-        self.inner = inner
-        self.routed = list(routed)
+    def __init__(self, snap: Snapshot) -> None:
+        self.snap = snap
 
-    def route(self, layer_index: int, query: torch.Tensor) -> Routed:
-        return self.routed[layer_index]
+    def __len__(self) -> int:
+        return int(self.snap.state.live_docs)
 
-    def content_kv(self, layer_index: int, numbers: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.inner.content_kv(layer_index, numbers)
+    def user_ids(self, numbers: Sequence[int]) -> dict[int, str]:
+        return {n: self.snap.user_id(n) for n in numbers}
+
+    def texts(self, numbers: Sequence[int]) -> dict[int, tuple[str, str]]:
+        out: dict[int, tuple[str, str]] = {}
+        for n in numbers:
+            try:
+                rec = self.snap.get(self.snap.user_id(n))
+            except DocumentNotFoundError:  # never existed, or deleted
+                continue
+            out[n] = (rec.user_id, rec.text)
+        return out
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -499,15 +442,6 @@ class Engine:
         assert self._router is not None and self._content is not None, "refresh() first"
         return BankMemory(self._router, self._content, self.model.config.top_k, snap)
 
-    def _hits(self, snap: Snapshot, routed: Sequence[Routed]) -> builtins.list[Hit]:
-        by_number: dict[int, dict[int, float]] = {}
-        for r, sel in enumerate(routed):
-            layer = self.model.config.router_layers[r]
-            for n, sc in zip(sel.numbers.tolist(), sel.scores.tolist()):
-                by_number.setdefault(int(n), {})[layer] = float(sc)
-        hits = [Hit(snap.user_id(n), n, max(ls.values()), ls) for n, ls in by_number.items()]
-        return sorted(hits, key=lambda h: (-h.score, h.number))
-
     def retrieve(self, question: str) -> builtins.list[Hit]:
         """Route the question alone (round 1) and return the documents the router layers selected."""
         q = _check_question(question)
@@ -516,13 +450,14 @@ class Engine:
             pr = P.question_prompt(self.tokenizer, q)
             gen = stages.generate(self.model, pr.ids, mem, routing_mask=pr.routing_mask, max_new_tokens=1,
                                   template=self._template)
-            return self._hits(snap, gen.routed[0])
+            return interleave.hits(gen.routed[0], self.model.config.router_layers, SnapshotDocuments(snap))
 
     # ---- asking ---------------------------------------------------------------------------------
 
     def ask(self, question: str, *, max_rounds: int = 4, max_new_tokens: int = 128, token_budget: int = 8192,
             temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> Answer:
-        """Route, fetch, generate; follow memory interleave (spec §6) until the model answers.
+        """Route, fetch, generate; follow memory interleave (spec §6, `msabank.interleave`) until the model
+        answers or a limit ends the loop (then `Answer.outcome` is "no_answer", with the reason).
 
         Each round: the model names documents `[n]…<|object_ref_end|>`; their original text is appended as
         `[n]. text\\n…<|object_ref_end|>`; routing runs again on the question plus the latest documents.
@@ -532,98 +467,42 @@ class Engine:
         regions come from where msabank put things, not from searching the text, so a document cannot
         inject control tokens or move the routing regions.
         """
-        q = _check_question(question)
+        return self.ask_batch([question], max_rounds=max_rounds, max_new_tokens=max_new_tokens,
+                              token_budget=token_budget, temperature=temperature, top_p=top_p, seed=seed)[0]
+
+    def ask_batch(self, questions: Sequence[str], *, max_rounds: int = 4, max_new_tokens: int = 128,
+                  token_budget: int = 8192, temperature: float = 0.0, top_p: float = 1.0,
+                  seed: int | None = None) -> builtins.list[Answer]:
+        """`ask` for several questions at once, answers in order: one bank snapshot for the whole batch, one
+        batched generation per interleave round (a question that finishes leaves the batch). Timings are
+        the batch's. Greedy answers equal those of `ask` one question at a time up to float rounding."""
+        if isinstance(questions, str):
+            raise InputError("ask_batch takes a list of questions, got one string", hint="use ask(question)")
+        qs = [_check_question(q) for q in questions]
         _check_generation_options(max_rounds=max_rounds, max_new_tokens=max_new_tokens, token_budget=token_budget,
                                   temperature=temperature, top_p=top_p)
-        n_prompt = len(P.question_prompt(self.tokenizer, q).ids)
-        if n_prompt >= token_budget:
-            raise InputError(f"the question is {n_prompt} tokens with the prompt; the transcript budget is "
-                             f"{token_budget} tokens, which leaves no room to answer",
-                             hint="shorten the question")
-        with self.bank.snapshot() as snap:  # one consistent bank version for the whole question
-            return self._ask(snap, q, max_rounds, max_new_tokens, token_budget, temperature, top_p, seed)
-
-    def _ask(self, snap: Snapshot, q: str, max_rounds: int, max_new_tokens: int, token_budget: int,
-             temperature: float, top_p: float, seed: int | None) -> Answer:
-        t_start = time.perf_counter()
-        t_refresh = self.refresh(snap)
-        mem = self._view(snap)
-        tok = self.tokenizer
-        first = P.question_prompt(tok, q)
-        transcript = list(first.ids)
-        question_mask = list(first.routing_mask)
-        latest: tuple[int, int] | None = None  # token span of the documents injected in the latest round
-        rounds: list[Round] = []
-        stop_ids = [tok.object_ref_end_id, *self.model.stop_ids]
-        gen_t: dict[str, float] = {}
-        finish, answer_text = "round_limit", ""
-        for r in range(max_rounds + 1):
-            t_round = time.perf_counter()
-            mask = question_mask + [False] * (len(transcript) - len(question_mask))
-            if latest is not None:
-                mask[latest[0] : latest[1]] = [True] * (latest[1] - latest[0])
-            budget = min(max_new_tokens, token_budget - len(transcript))
-            if budget < 1:
-                finish = "token_budget"
-                break
-            gen = stages.generate(self.model, transcript, mem, routing_mask=mask, max_new_tokens=budget,
-                                  stop_ids=stop_ids, stop_text=P.END_OF_RETRIEVE, temperature=temperature,
-                                  top_p=top_p, seed=seed, template=self._template, timings=gen_t)
-            out = gen.tokens[0]
-            text = tok.decode(out)
-            hits = self._hits(snap, gen.routed[0])
-            transcript += out
-            retrieval_done = P.END_OF_RETRIEVE in text
-            if retrieval_done or r == max_rounds:
-                # Hand-off (spec §6.2, stage 3): restate the question; answer with the same selection.
-                handoff = P.restatement_ids(tok, q)
-                transcript += handoff
-                budget = min(max_new_tokens, token_budget - len(transcript))
-                atext = ""
-                if budget >= 1:
-                    ans = stages.generate(self.model, transcript, ReplayMemory(mem, gen.routed[0]),
-                                          routing_mask=mask + [False] * (len(transcript) - len(mask)),
-                                          max_new_tokens=budget, stop_ids=self.model.stop_ids,
-                                          temperature=temperature, top_p=top_p, seed=seed, template=self._template,
-                                          timings=gen_t)
-                    transcript += ans.tokens[0]
-                    atext = tok.decode(ans.tokens[0])
-                rounds.append(Round(r, hits, text + tok.decode(handoff) + atext, out, [], [], time.perf_counter() - t_round))
-                answer_text = _extract_answer(atext)
-                finish = "answer" if retrieval_done and budget >= 1 else ("token_budget" if budget < 1 else "round_limit")
-                break
-            if out and out[-1] == tok.object_ref_end_id:
-                requested = sorted({int(m) for m in _ID_RE.findall(text)})
-                found = _live_records(snap, requested)
-                if found:
-                    start = len(transcript)
-                    transcript += P.injection_ids(tok, [(n, found[n].text) for n in sorted(found)])
-                    latest = (start, len(transcript) - 1)  # the documents, without the closing delimiter
-                rounds.append(Round(r, hits, text, out, requested, [found[n].user_id for n in sorted(found)],
-                                    time.perf_counter() - t_round))
-                continue
-            # EOS or length without the protocol: what it said is the answer.
-            rounds.append(Round(r, hits, text, out, [], [], time.perf_counter() - t_round))
-            answer_text = _extract_answer(text)
-            finish = "eos" if gen.finish_reasons[0] == "stop" else "token_budget"
-            break
-        total = time.perf_counter() - t_start
+        for q in qs:
+            n_prompt = len(P.question_prompt(self.tokenizer, q).ids)
+            if n_prompt >= token_budget:
+                raise InputError(f"the question is {n_prompt} tokens with the prompt; the transcript budget is "
+                                 f"{token_budget} tokens, which leaves no room to answer",
+                                 hint="shorten the question")
+        if not qs:
+            return []
+        with self.bank.snapshot() as snap:  # one consistent bank version for the whole batch
+            t_start = time.perf_counter()
+            t_refresh = self.refresh(snap)
+            mem = self._view(snap)
+            gen_t: dict[str, float] = {}
+            answers = interleave.run(self.model, mem, SnapshotDocuments(snap), qs,
+                                     limits=interleave.Limits(max_rounds, max_new_tokens, token_budget),
+                                     sampling=interleave.Sampling(temperature, top_p, seed),
+                                     template=self._template, timings=gen_t)
         prefill = gen_t.get("prefill_s", 0.0)
         timings = {"refresh": t_refresh, "route": mem.route_s, "fetch": mem.fetch_s,
                    "prefill": prefill - mem.route_s - mem.fetch_s, "decode": gen_t.get("decode_s", 0.0),
-                   "total": total}
-        return Answer(q, answer_text, rounds, finish, tok.decode(transcript), timings)
-
-
-def _live_records(snap: Snapshot, numbers: Sequence[int]) -> dict[int, DocumentRecord]:
-    """The live documents among `numbers` (the model may name numbers that do not exist)."""
-    out: dict[int, DocumentRecord] = {}
-    for n in numbers:
-        try:
-            out[n] = snap.get(snap.user_id(n))
-        except DocumentNotFoundError:  # never existed, or deleted
-            continue
-    return out
+                   "total": time.perf_counter() - t_start}
+        return [dataclasses.replace(a, timings=dict(timings)) for a in answers]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -827,11 +706,3 @@ def _record_pair(item: Any, where: str) -> tuple[str, str]:
     if not isinstance(text, str):
         raise InputError(f"document {uid!r} ({where}): the text must be a string, got {type(text).__name__}")
     return uid, text
-
-
-def _extract_answer(text: str) -> str:
-    cut = text.rsplit(P.ANSWER_PREFIX, 1)
-    body = cut[1] if len(cut) == 2 else text
-    for stop in (P.IM_END, P.END_OF_TEXT):
-        body = body.split(stop, 1)[0]
-    return body.strip()

@@ -126,11 +126,13 @@ class _Scripted:
         self.tok, self.script, self.calls = tok, list(script), []
         self.real = stages.generate
 
-    def __call__(self, model, prompt_ids, memory, *, routing_mask=None, **kw):  # noqa: ANN001, ANN003
-        self.calls.append((list(prompt_ids), list(routing_mask)))
+    def __call__(self, model, prompts, memory, *, selected=None, **kw):  # noqa: ANN001, ANN003
+        (prompt,) = prompts  # one question: a batch of one
+        self.calls.append((list(prompt.ids), list(prompt.routing_mask)))
         ids = self.tok.encode_trusted(self.script.pop(0))
-        routed = [memory.route(r, torch.zeros(1, model.config.num_kv_heads * model.config.head_dim))
-                  for r in range(len(model.config.router_layers))]
+        routed = (selected[0] if selected and selected[0] is not None else
+                  [memory.route(r, torch.zeros(1, model.config.num_kv_heads * model.config.head_dim))
+                   for r in range(len(model.config.router_layers))])
         return stages.Generation(tokens=[ids], finish_reasons=["stop"], routed=[routed], first_logits=torch.zeros(1, 1))
 
 
@@ -155,11 +157,26 @@ def test_document_text_cannot_inject_control_tokens(tmp_path: Path, golden: Path
     assert ids[injected[-1] + 1] == tok.object_ref_end_id and ids[injected[-1] + 2:] == []
 
 
-def test_empty_bank_answers_without_memory(tmp_path: Path, golden: Path) -> None:
+def test_empty_bank_gives_no_answer_without_generating(tmp_path: Path, golden: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """An empty bank is a "no answer" outcome with its reason, not five rounds of text printed as an answer."""
     with Engine.create(tmp_path / "empty", golden / "tiny-msa") as eng:
         assert eng.retrieve("anything?") == []
-        ans = eng.ask("anything?", max_new_tokens=3, max_rounds=1)
-        assert ans.rounds[0].documents == [] and len(ans.rounds[0].tokens) >= 1
+        monkeypatch.setattr(stages, "generate", _Scripted(eng.tokenizer, []))  # any generation would fail
+        ans = eng.ask("anything?")
+    assert (ans.outcome, ans.finish, ans.answer, ans.rounds) == ("no_answer", "empty_bank", "", [])
+    assert "no documents" in (ans.no_answer_reason or "")
+
+
+def test_round_limit_is_no_answer(tmp_path: Path, golden: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At the round limit the forced hand-off's text is kept in the rounds, never served as the answer."""
+    with _build(tmp_path, golden, "p4") as eng:
+        script = _Scripted(eng.tokenizer, ["[0]<|object_ref_end|>", "[1]<|object_ref_end|>",
+                                           "The answer to the question is: garbage<|im_end|>"])
+        monkeypatch.setattr(stages, "generate", script)
+        ans = eng.ask("Who?", max_rounds=1)
+    assert (ans.outcome, ans.finish, ans.answer) == ("no_answer", "round_limit", "")
+    assert "after 1 rounds" in (ans.no_answer_reason or "") and "garbage" in ans.rounds[-1].generated
 
 
 def test_index_load_is_sized_exactly(tmp_path: Path, golden: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -195,3 +212,42 @@ def test_index_load_is_sized_exactly(tmp_path: Path, golden: Path, monkeypatch: 
         eng.refresh()
         live = sum(rec.num_chunks for rec in eng.bank.list(text=False))
         assert eng._index.num_rows == live
+
+
+def test_ask_batch_equals_ask_one_at_a_time(tmp_path: Path, golden: Path) -> None:
+    """One snapshot, one batched generation per round: the same tokens and routing as asking alone."""
+    m, _ = _case(golden, "p4")
+    questions = [m["requests"]["q0"]["prompts"][0], m["requests"]["q1"]["prompts"][0], "Who kept the light?"]
+    with _build(tmp_path, golden, "p4") as eng:
+        together = eng.ask_batch(questions, max_rounds=2, max_new_tokens=6)
+        alone = [eng.ask(q, max_rounds=2, max_new_tokens=6) for q in questions]
+    for a, b in zip(together, alone):
+        assert [r.tokens for r in a.rounds] == [r.tokens for r in b.rounds]
+        assert [[h.number for h in r.documents] for r in a.rounds] == [[h.number for h in r.documents] for r in b.rounds]
+        assert (a.answer, a.finish, a.outcome, a.transcript) == (b.answer, b.finish, b.outcome, b.transcript)
+
+
+def test_questions_that_finish_leave_the_batch(tmp_path: Path, golden: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Per round, one generate call over the questions still running; each gets its own answer."""
+    sizes: list[int] = []
+    script = {"A?": ["[0]<|object_ref_end|>", "<End-of-Retrieve>", "The answer to the question is: a<|im_end|>"],
+              "B?": ["The answer to the question is: b<|im_end|>"]}
+
+    def generate(model, prompts, memory, *, selected=None, **kw):  # noqa: ANN001, ANN003
+        sizes.append(len(prompts))
+        tok = model.tokenizer
+        out = []
+        for p in prompts:
+            q = "A?" if "A?" in tok.decode(p.ids) else "B?"
+            out.append(tok.encode_trusted(script[q].pop(0)))
+        routed = [[memory.route(r, torch.zeros(1, model.config.num_kv_heads * model.config.head_dim))
+                   for r in range(len(model.config.router_layers))] for _ in prompts]
+        return stages.Generation(tokens=out, finish_reasons=["stop"] * len(out), routed=routed,
+                                 first_logits=torch.zeros(len(out), 1))
+
+    with _build(tmp_path, golden, "p4") as eng:
+        monkeypatch.setattr(stages, "generate", generate)
+        a, b = eng.ask_batch(["A?", "B?"])
+    assert sizes == [2, 1, 1]  # round 0: both; round 1: A alone; A's hand-off
+    assert (a.answer, a.finish, [r.injected for r in a.rounds]) == ("a", "answer", [["doc0"], []])
+    assert (b.answer, b.finish, b.outcome) == ("b", "eos", "answer")
