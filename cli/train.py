@@ -112,7 +112,7 @@ def eval_(model: Optional[str] = typer.Option(None, "--model", "-m", help="Check
           json_out: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """Answer exact match, routing recall@k per layer, with and without interleave, versus bank size."""
     from msabank.engine import pick_device
-    from msabank.evaluate import EVAL_SEED_BASE, evaluate
+    from msabank.train.evaluate import EVAL_SEED_BASE, evaluate
     from msabank.model import load_model
     from msabank.train import default_model_path
 

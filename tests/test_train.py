@@ -114,25 +114,34 @@ def test_default_model_loads_and_saves(tmp_path):
     assert torch.equal(m2.model.layers[4].self_attn.router_q_proj[0].weight, m.model.layers[4].self_attn.router_q_proj[0].weight)
 
 
-def test_evaluator_matches_the_engine(tmp_path):
-    """The trainer's inference path (msabank.evaluate) and msabank.engine agree token for token: what the
-    trainer optimises is what the engine serves."""
-    from msabank.engine import Engine
-    from msabank.evaluate import EVAL_SEED_BASE, build_bank, run_protocol
+def test_evaluator_scores_what_the_interleave_loop_answers(monkeypatch):
+    """The evaluator has no inference of its own: its numbers are scores of `msabank.interleave.run`'s
+    answers (the loop `Engine.ask_batch` runs), in batches, with the forced hand-off for "no interleave"."""
+    from msabank import interleave
     from msabank.model import load_model
+    from msabank.train.evaluate import EVAL_SEED_BASE, evaluate
 
+    calls = []
+    real = interleave.run
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append((kwargs["handoff_after"], args[3], out))
+        return out
+
+    monkeypatch.setattr(interleave, "run", spy)
+    model = load_model(default_model_path())
+    res = evaluate(model, tokens=1200, seed=EVAL_SEED_BASE + 7, questions=3, batch=2)
+    assert [(h, len(qs)) for h, qs, _ in calls] == [(None, 2), (None, 1), (1, 2), (1, 1)]
     world = World(seed=EVAL_SEED_BASE + 7, num_docs=16)
     qs = world.questions(3)
-    model = load_model(default_model_path())
-    memory, _ = build_bank(model, world)
-    mine = run_protocol(model, memory, world, qs, batch=3, max_new=24)
-    with Engine.create(tmp_path / "bank", None, dtype="float32", device="cpu") as eng:
-        eng.ingest([(f"doc-{n}", world.document(n).text) for n in range(world.num_docs)])
-        for run, q in zip(mine, qs):
-            a = eng.ask(q.question, max_new_tokens=24)
-            assert a.answer == run.answer
-            assert [r.requested for r in a.rounds if r.requested] == [n for n in run.named if n]
-            assert a.rounds[0].documents[0].number == run.selected_r1[0][0]
+    for mode, handoff in (("interleave", None), ("no_interleave", 1)):
+        answers = [a for h, _, out in calls if h == handoff for a in out]
+        assert [a.question for a in answers] == [q.question for q in qs]
+        assert res[mode]["em_all"] == sum(a.answer == q.answer for a, q in zip(answers, qs)) / 3
+        first = [[h.number for h in a.rounds[0].documents if layer in h.layers] for a in answers
+                 for layer in model.config.router_layers[:1]]
+        assert res[mode]["recall_at_k_per_layer"][0] == round(sum(q.gold[0] in f for q, f in zip(qs, first)) / 3, 4)
 
 
 def test_aux_layer_weights_scale_each_router_layers_term():
