@@ -65,7 +65,7 @@ def _root() -> None:
 
 
 # Each command group lives in its own module with `register(app)`; the order sets the help order.
-_COMMAND_MODULES = ("bank", "ask", "demo", "train", "bench")
+_COMMAND_MODULES = ("bank", "ask", "demo", "train", "bench", "serve")
 
 
 def _register_commands() -> None:
