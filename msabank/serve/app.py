@@ -93,8 +93,8 @@ class _Strict(BaseModel):
 
 class AskBody(_Strict):
     question: str
-    max_rounds: int = 4
-    max_new_tokens: int = 128
+    max_rounds: Optional[int] = None  # default: 4, or the server's cap when lower
+    max_new_tokens: Optional[int] = None  # default: 128, or the server's cap when lower
     token_budget: int = 8192
     temperature: float = 0.0
     top_p: float = 1.0
@@ -318,6 +318,7 @@ def create_app(loop: EngineLoop, config: ServeConfig) -> FastAPI:
     IDEMPOTENCY_KEEP = 10_000
 
     app = FastAPI(title="msabank", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(AuthMiddleware, config=config, metrics=metrics)
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, err: ApiError) -> JSONResponse:
@@ -447,8 +448,10 @@ def create_app(loop: EngineLoop, config: ServeConfig) -> FastAPI:
     async def ask(request: Request) -> Response:
         body: AskBody = _validate(AskBody, await read_json(request, limits.max_body_bytes))
         q = check_question(body.question, "question")
-        check_generation(body.max_rounds, body.max_new_tokens)
-        opts = ask_options(body.max_rounds, body.max_new_tokens, body.token_budget, body.temperature, body.top_p,
+        max_rounds = min(4, limits.max_rounds) if body.max_rounds is None else body.max_rounds
+        max_new = min(128, limits.max_new_tokens) if body.max_new_tokens is None else body.max_new_tokens
+        check_generation(max_rounds, max_new)
+        opts = ask_options(max_rounds, max_new, body.token_budget, body.temperature, body.top_p,
                            body.seed)
         await wait_version(body.min_version)
         if body.stream:
@@ -626,8 +629,8 @@ def create_app(loop: EngineLoop, config: ServeConfig) -> FastAPI:
         if body.n not in (None, 1):
             raise ApiError(400, "n must be 1: msabank answers once per question", "invalid_request_error", "n")
         q = check_question(_last_user_text(body), "messages")
-        max_new = body.max_completion_tokens or body.max_tokens or 128
-        max_rounds = 4 if body.max_rounds is None else body.max_rounds
+        max_new = body.max_completion_tokens or body.max_tokens or min(128, limits.max_new_tokens)
+        max_rounds = min(4, limits.max_rounds) if body.max_rounds is None else body.max_rounds
         check_generation(max_rounds, max_new)
         opts = ask_options(max_rounds, max_new, 8192, 0.0 if body.temperature is None else body.temperature,
                            1.0 if body.top_p is None else body.top_p, body.seed)
