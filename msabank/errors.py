@@ -99,5 +99,9 @@ class KernelUnavailableError(MsabankError, RuntimeError):
     """An explicitly requested kernel implementation cannot run here."""
 
 
+class ServerError(MsabankError):
+    """An `msabank serve` server could not be reached or refused a request (the message names its URL)."""
+
+
 class DistributedError(MsabankError, RuntimeError):
     """A memory-parallel rank failed or timed out."""

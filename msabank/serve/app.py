@@ -118,6 +118,10 @@ class UpsertBody(_Strict):
     documents: list[DocumentIn]
 
 
+class DeleteBody(_Strict):
+    ids: list[Union[str, int]]
+
+
 class UpdateBody(_Strict):
     text: str
 
@@ -182,7 +186,7 @@ def answer_json(a: Any, version: int, *, transcript: bool = False) -> dict[str, 
 
 def record_json(r: Any, *, text: bool = True) -> dict[str, Any]:
     out = {"id": r.user_id, "number": r.number, "version": r.version, "tokens": r.n_tokens, "chunks": r.num_chunks,
-           "created_at": r.created_at, "updated_at": r.updated_at}
+           "content_hash": r.content_hash, "created_at": r.created_at, "updated_at": r.updated_at}
     if text:
         out["text"] = r.text
     return out
@@ -597,6 +601,18 @@ def create_app(loop: EngineLoop, config: ServeConfig) -> FastAPI:
     async def delete_document(request: Request, doc_id: str) -> Response:
         doc_id = check_id(doc_id, "id")
         return await write(request, "delete", [doc_id], _fingerprint("delete", [(doc_id, "")]))
+
+    @app.post("/v1/documents/delete")
+    async def delete_documents(request: Request) -> Response:
+        """Delete several documents in one commit (all live, or nothing is deleted)."""
+        body: DeleteBody = _validate(DeleteBody, await read_json(request, limits.max_body_bytes))
+        if not body.ids:
+            raise ApiError(400, "ids is empty", "invalid_request_error", "ids")
+        if len(body.ids) > limits.max_documents:
+            raise ApiError(413, f"{len(body.ids)} ids in one request; this server takes at most "
+                           f"{limits.max_documents}", "limit_exceeded", "ids")
+        ids = list(dict.fromkeys(check_id(d, f"ids[{i}]") for i, d in enumerate(body.ids)))
+        return await write(request, "delete", ids, _fingerprint("delete", [(i, "") for i in ids]))
 
     @app.get("/v1/bank")
     async def bank_stats() -> Response:
