@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from msabank.cli._render import emit_json, err_console, out_console
-from msabank.cli.bank import BankArg, DeviceOpt, JsonOpt, ModelOpt, _open
+from msabank.cli.bank import BankArg, DeviceOpt, JsonOpt, ModelOpt, ServerOpt, _open
 
 NO_ANSWER_EXIT = 3
 """Exit status of `ask` when the loop ends without an answer (1 is an error, 2 a usage error)."""
@@ -56,9 +56,10 @@ def ask(bank: Path = BankArg, question: str = typer.Argument(..., help="The ques
         top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0),
         seed: Optional[int] = typer.Option(None, "--seed"),
         transcript: bool = typer.Option(False, "--transcript", help="Also print the whole transcript."),
-        model: Optional[str] = ModelOpt, device: Optional[str] = DeviceOpt, json_out: bool = JsonOpt) -> None:
+        model: Optional[str] = ModelOpt, device: Optional[str] = DeviceOpt, json_out: bool = JsonOpt,
+        server: Optional[str] = ServerOpt) -> None:
     """Ask a question: route, fetch, generate, with interleaved multi-hop rounds and the evidence shown."""
-    with _open(bank, model, device, readonly=True) as eng:
+    with _open(bank, model, device, readonly=True, server=server) as eng:
         ans = eng.ask(question, max_rounds=max_rounds, max_new_tokens=max_new_tokens, temperature=temperature,
                       top_p=top_p, seed=seed)
     if json_out:
@@ -70,9 +71,10 @@ def ask(bank: Path = BankArg, question: str = typer.Argument(..., help="The ques
 
 
 def retrieve(bank: Path = BankArg, question: str = typer.Argument(..., help="The question."),
-             model: Optional[str] = ModelOpt, device: Optional[str] = DeviceOpt, json_out: bool = JsonOpt) -> None:
+             model: Optional[str] = ModelOpt, device: Optional[str] = DeviceOpt, json_out: bool = JsonOpt,
+             server: Optional[str] = ServerOpt) -> None:
     """Rank the documents the router layers select for a question (no generation)."""
-    with _open(bank, model, device, readonly=True) as eng:
+    with _open(bank, model, device, readonly=True, server=server) as eng:
         hits = eng.retrieve(question)
     if json_out:
         emit_json(hits)

@@ -10,7 +10,8 @@ from typing import Optional
 import typer
 
 from msabank.cli._render import emit_json, err_console, out_console, report_line
-from msabank.errors import BankCorruptedError, InputError
+from msabank.errors import BankCorruptedError, BankLockedError, InputError
+from msabank.serve.client import connect, server_option
 
 MAX_ID_BYTES = 500  # LMDB's key limit, enforced by the bank at commit time
 BankArg = typer.Argument(..., help="Path of the bank directory.")
@@ -19,10 +20,23 @@ DeviceOpt = typer.Option(None, "--device", help="torch device, e.g. cpu or cuda:
 JsonOpt = typer.Option(False, "--json", help="Machine-readable output on stdout.")
 
 
-def _open(bank: Path, model: Optional[str], device: Optional[str], readonly: bool = False):  # noqa: ANN202
+ServerOpt = server_option()
+
+
+def _open(bank: Path, model: Optional[str], device: Optional[str], readonly: bool = False,  # noqa: ANN202
+          server: Optional[str] = None):
+    """The engine on `bank`, or a client of the server given by --server / MSABANK_SERVER (same methods)."""
     from msabank.engine import Engine
 
-    return Engine.open(bank, model, readonly=readonly, device=device)
+    client = connect(server, bank)
+    if client is not None:
+        return client
+    try:
+        return Engine.open(bank, model, readonly=readonly, device=device)
+    except BankLockedError as err:  # name the server when `msabank serve` holds the lock
+        from msabank.serve.server import served_by
+
+        raise served_by(bank, err) from None
 
 
 def init(bank: Path = BankArg, model: Optional[str] = typer.Option(None, "--model", "-m",
@@ -49,7 +63,8 @@ def ingest(bank: Path = BankArg,
            fmt: Optional[str] = typer.Option(None, "--format", help="jsonl, parquet, csv or folder (default: by suffix)."),
            sync: bool = typer.Option(False, "--sync", help="Also delete bank documents absent from the corpus."),
            batch_size: int = typer.Option(32, "--batch-size", min=1, help="Documents per committed batch."),
-           model: Optional[str] = ModelOpt, device: Optional[str] = DeviceOpt, json_out: bool = JsonOpt) -> None:
+           model: Optional[str] = ModelOpt, device: Optional[str] = DeviceOpt, json_out: bool = JsonOpt,
+           server: Optional[str] = ServerOpt) -> None:
     """Encode a corpus into the bank (resumable: committed, unchanged documents are skipped)."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -59,7 +74,7 @@ def ingest(bank: Path = BankArg,
     total = validate_corpus(corpus, id_field=id_field, text_field=text_field, fmt=fmt)
     batches = read_corpus(corpus, id_field=id_field, text_field=text_field, fmt=fmt, batch_size=batch_size)
     t0 = time.perf_counter()
-    with _open(bank, model, device) as eng, Progress(
+    with _open(bank, model, device, server=server) as eng, Progress(
         TextColumn("[bold]ingest"), BarColumn(), TextColumn("{task.completed}/{task.total} docs"),
         TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
         console=err_console, transient=not sys.stderr.isatty(), disable=not sys.stderr.isatty(),
@@ -107,7 +122,8 @@ def validate_corpus(corpus: Path, *, id_field: str, text_field: str, fmt: Option
 def update(bank: Path = BankArg, doc_id: str = typer.Argument(..., help="The document's id."),
            text: Optional[str] = typer.Option(None, "--text", help="New text."),
            text_file: Optional[Path] = typer.Option(None, "--file", help="Read the new text from this file."),
-           model: Optional[str] = ModelOpt, device: Optional[str] = DeviceOpt, json_out: bool = JsonOpt) -> None:
+           model: Optional[str] = ModelOpt, device: Optional[str] = DeviceOpt, json_out: bool = JsonOpt,
+           server: Optional[str] = ServerOpt) -> None:
     """Re-encode one document with new text (new version, same number)."""
     if (text is None) == (text_file is None):
         raise InputError("give exactly one of --text or --file")
@@ -116,7 +132,7 @@ def update(bank: Path = BankArg, doc_id: str = typer.Argument(..., help="The doc
             text = text_file.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise InputError(f"cannot read text: {e}", path=str(text_file)) from None
-    with _open(bank, model, device) as eng:
+    with _open(bank, model, device, server=server) as eng:
         report = eng.update(doc_id, text or "")
         rec = eng.get(doc_id)
     if json_out:
@@ -126,20 +142,20 @@ def update(bank: Path = BankArg, doc_id: str = typer.Argument(..., help="The doc
 
 
 def delete(bank: Path = BankArg, doc_ids: list[str] = typer.Argument(..., help="Document ids to delete."),
-           model: Optional[str] = ModelOpt, json_out: bool = JsonOpt) -> None:
+           model: Optional[str] = ModelOpt, json_out: bool = JsonOpt, server: Optional[str] = ServerOpt) -> None:
     """Delete documents (tombstones; `compact` reclaims their space)."""
-    with _open(bank, model, "cpu") as eng:
+    with _open(bank, model, "cpu", server=server) as eng:
         report = eng.delete(doc_ids)
     emit_json({"report": report}) if json_out else out_console.print(report_line(report))
 
 
 def ls(bank: Path = BankArg, limit: int = typer.Option(0, "--limit", min=0, help="Show at most this many (0: all)."),
-       model: Optional[str] = ModelOpt, json_out: bool = JsonOpt) -> None:
+       model: Optional[str] = ModelOpt, json_out: bool = JsonOpt, server: Optional[str] = ServerOpt) -> None:
     """List live documents."""
     from rich.table import Table
     from rich.text import Text
 
-    with _open(bank, model, "cpu", readonly=True) as eng:
+    with _open(bank, model, "cpu", readonly=True, server=server) as eng:
         recs = list(eng.list())
     recs = recs[:limit] if limit else recs
     if json_out:
@@ -160,11 +176,11 @@ def _preview(text: str, width: int = 60) -> str:
 
 
 def show(bank: Path = BankArg, doc_id: str = typer.Argument(..., help="The document's id."),
-         model: Optional[str] = ModelOpt, json_out: bool = JsonOpt) -> None:
+         model: Optional[str] = ModelOpt, json_out: bool = JsonOpt, server: Optional[str] = ServerOpt) -> None:
     """Show one document: text, number, versions."""
     from rich.text import Text
 
-    with _open(bank, model, "cpu", readonly=True) as eng:
+    with _open(bank, model, "cpu", readonly=True, server=server) as eng:
         rec = eng.get(doc_id)
         versions = eng.bank.versions(doc_id)
     if json_out:
@@ -178,9 +194,10 @@ def show(bank: Path = BankArg, doc_id: str = typer.Argument(..., help="The docum
     out_console.print(rec.text, markup=False)
 
 
-def stats(bank: Path = BankArg, model: Optional[str] = ModelOpt, json_out: bool = JsonOpt) -> None:
+def stats(bank: Path = BankArg, model: Optional[str] = ModelOpt, json_out: bool = JsonOpt,
+          server: Optional[str] = ServerOpt) -> None:
     """Counts and sizes: documents, chunks, tokens, bytes on disk."""
-    with _open(bank, model, "cpu", readonly=True) as eng:
+    with _open(bank, model, "cpu", readonly=True, server=server) as eng:
         s = eng.stats()
     if json_out:
         emit_json(s)

@@ -325,3 +325,54 @@ def test_concurrent_askers_and_writers(server: Server, http: httpx.Client) -> No
         assert [r["generated"] for r in a["rounds"]] == [r.generated for r in want.rounds]
         assert [[d["id"] for d in r["documents"]] for r in a["rounds"]] == [[h.id for h in r.documents]
                                                                           for r in want.rounds]
+
+
+# ---- the CLI as a client (--server / MSABANK_SERVER) ---------------------------------------------------------
+
+
+def test_cli_commands_go_through_the_server(server: Server, tmp_path: Path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from msabank.cli.main import app
+
+    env = {"MSABANK_SERVER": server.url, "MSABANK_API_KEY": WRITE_KEY}
+    runner = CliRunner()
+
+    def run(*args: str, ok: bool = True, **extra: str) -> Any:
+        res = runner.invoke(app, [str(a) for a in args], env={**env, **extra})
+        assert (res.exit_code == 0) == ok, (args, res.output, res.exception)
+        return res
+
+    corpus = tmp_path / "more.jsonl"
+    corpus.write_text("".join(json.dumps({"id": f"cli-{i}", "text": f"Ferry timetable {i}: boats leave hourly."}) + "\n"
+                              for i in range(3)))
+    rep = json.loads(run("ingest", server.bank, corpus, "--json").stdout)["report"]
+    assert rep["added"] == 3 and rep["version"] == json.loads(run("stats", server.bank, "--json").stdout)["version"]
+    assert json.loads(run("ingest", server.bank, corpus, "--json").stdout)["report"]["unchanged"] == 3
+    ids = [d["id"] for d in json.loads(run("ls", server.bank, "--json").stdout)]
+    assert {"cli-0", "cli-1", "cli-2", "acme"} <= set(ids)
+    run("update", server.bank, "cli-1", "--text", "Ferry timetable 1: boats leave at dawn.")
+    shown = json.loads(run("show", server.bank, "cli-1", "--json").stdout)
+    assert shown["document"]["text"] == "Ferry timetable 1: boats leave at dawn." and len(shown["versions"]) == 2
+    assert json.loads(run("delete", server.bank, "cli-0", "cli-2", "--json").stdout)["report"]["deleted"] == 2
+    res = run("show", server.bank, "cli-0", ok=False)
+    assert "'cli-0' is not in the bank" in res.stderr
+    ans = json.loads(run("ask", server.bank, "Who founded Acme?", "--max-rounds", "0", "--max-new-tokens", "2",
+                         "--json").stdout)
+    assert ans["rounds"] and ans["version"] >= rep["version"]
+    assert "round 0: routed" in run("ask", server.bank, "Who founded Acme?", "--max-rounds", "0",
+                                    "--max-new-tokens", "2").stdout
+    hits = json.loads(run("retrieve", server.bank, "Who founded Acme?", "--json").stdout)
+    assert hits and all(set(h) >= {"id", "number", "score", "layers"} for h in hits)
+
+    # refusals are CLI errors naming the server, not tracebacks
+    res = run("update", server.bank, "acme", "--text", "x", ok=False, MSABANK_API_KEY=READ_KEY)
+    assert res.stderr.startswith("error: ") and "refused" in res.stderr and server.url in res.stderr
+    res = run("stats", server.bank, ok=False, MSABANK_SERVER="http://127.0.0.1:9")
+    assert "cannot reach the msabank server at http://127.0.0.1:9" in res.stderr
+    # without a server, a local writer is told which server holds the lock
+    res = runner.invoke(app, ["delete", str(server.bank), "acme"], env={"MSABANK_SERVER": ""})
+    assert res.exit_code == 1 and f"served by `msabank serve` at {server.url}" in res.stderr, res.output
+    assert "--server" in res.stderr
