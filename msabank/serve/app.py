@@ -172,7 +172,8 @@ def hit_json(h: Any) -> dict[str, Any]:
 
 def answer_json(a: Any, version: int, *, transcript: bool = False) -> dict[str, Any]:
     out = {
-        "question": a.question, "answer": a.answer, "finish": a.finish, "version": version,
+        "question": a.question, "answer": a.answer, "outcome": getattr(a, "outcome", "answer"),
+        "no_answer_reason": getattr(a, "no_answer_reason", None), "finish": a.finish, "version": version,
         "rounds": [{"index": r.index, "documents": [hit_json(h) for h in r.documents], "generated": r.generated,
                     "requested": list(r.requested), "injected": list(r.injected), "seconds": r.seconds}
                    for r in a.rounds],
@@ -711,7 +712,7 @@ def _fingerprint(kind: str, items: list[tuple[str, str]]) -> str:
 
 
 def _finish(finish: str) -> Literal["stop", "length"]:
-    return "stop" if finish in ("answer", "eos") else "length"
+    return "length" if finish in ("round_limit", "token_budget") else "stop"
 
 
 def _last_user_text(body: ChatBody) -> str:

@@ -28,11 +28,8 @@ log = logging.getLogger("msabank.serve")
 
 
 def ask_batch(engine: Any, questions: Sequence[str], **options: Any) -> list[Any]:
-    """`Engine.ask_batch` where the engine has it (batched generate); else `Engine.ask` per question.
-
-    The fallback keeps the server's contract (one engine loop, questions collected and run together) while
-    the batched inference path is not on main; answers are the same either way (greedy).
-    """
+    """`Engine.ask_batch` (one snapshot, one batched generation per interleave round); an engine without
+    it (a stand-in in a test, an older engine) is asked one question at a time."""
     batched = getattr(engine, "ask_batch", None)
     if batched is not None:
         return list(batched(list(questions), **options))

@@ -93,6 +93,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, keys: tuple[Path, Path]) ->
     bank = make_bank(d / "bank", CORPUS)
     s = start_server(bank, d / "server.log", "--api-key-file", str(keys[0]), "--read-key-file", str(keys[1]),
                      "--max-body-bytes", "65536", "--max-documents", "8", "--max-rounds", "2",
-                     "--max-new-tokens", "16", "--max-question-tokens", "64", "--batch-wait-ms", "20")
+                     "--max-new-tokens", "16", "--max-question-tokens", "64", "--batch-wait-ms", "20",
+                     "--min-version-wait", "0")
     yield s
     s.stop()
