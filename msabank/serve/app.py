@@ -438,7 +438,7 @@ def create_app(loop: EngineLoop, config: ServeConfig) -> FastAPI:
         return {"ready": st.ready, "bank": config.bank, "version": st.version, "documents": s.get("documents", 0),
                 "tokens": s.get("tokens", 0), "chunks": s.get("live_chunks", 0), "index_rows": st.index_rows,
                 "index_documents": st.index_docs, "bytes_on_disk": s.get("bytes_on_disk", 0),
-                "model": config.model_id, "device": st.device, "load_seconds": st.load_seconds,
+                "model": config.model_id, "device": st.device, "load_seconds": st.load_seconds, "load": st.load,
                 "queue_depth": loop.queue.qsize()}
 
     @app.get("/metrics")

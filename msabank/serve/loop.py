@@ -70,6 +70,9 @@ class ServedState:
     index_rows: int = 0
     index_docs: int = 0
     load_seconds: float = 0.0
+    load: dict[str, float] = field(default_factory=dict)
+    """load_seconds by part: import_s (torch, model code), open_s (model weights, bank, writer lock),
+    index_s (routing keys and content K/V onto the device)."""
     model: str = ""
     device: str = ""
 
@@ -159,14 +162,19 @@ class EngineLoop:
         t = time.perf_counter()
         if self._open_engine is not None:
             eng = self._open_engine()
+            t_import = t
         else:
-            from msabank.engine import Engine
+            from msabank.engine import Engine  # torch and the model code: the first import costs seconds
 
+            t_import = time.perf_counter()
             eng = Engine.open(self.bank_path, self.model, device=self.device)
+        t_open = time.perf_counter()
         self.engine = eng
         self.tokenizer = eng.tokenizer
         eng.refresh()  # the whole index onto the device before /ready says so
-        self.state.load_seconds = time.perf_counter() - t
+        t_index = time.perf_counter()
+        self.state.load_seconds = t_index - t
+        self.state.load = {"import_s": t_import - t, "open_s": t_open - t_import, "index_s": t_index - t_open}
         self.state.model = str(getattr(eng.model, "path", "") or self.model or "default")
         self.state.device = str(eng.model.device)
         self._publish()
