@@ -72,7 +72,7 @@ def train(out: Path = typer.Argument(..., help="Checkpoint directory to write.")
           steps: int = typer.Option(1000, "--steps", min=1, help="Steps when --seconds is not given."),
           questions: int = typer.Option(64, "--questions", min=1, help="Questions per step."),
           memory: int = typer.Option(256, "--memory", min=2, help="Memory documents per step."),
-          lr: float = typer.Option(1.5e-3, "--lr"), warmup_frac: float = typer.Option(0.15, "--warmup-frac"),
+          lr: float = typer.Option(1.5e-3, "--lr"), warmup_frac: float = typer.Option(0.3, "--warmup-frac", help="Cap of the warm-up phase, as a share of the run."),
           force_every: int = typer.Option(2, "--force-every", help="Force the positive document on every n-th step."),
           workers: int = typer.Option(0, "--workers", min=0, help="DataLoader workers generating samples."),
           device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: cuda if available)."),

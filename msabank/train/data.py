@@ -8,11 +8,19 @@ For a question with gold documents g1 (, g2) numbered n1 (, n2):
   hand-off `<|im_start|>The user's question is: {q}\\n<|object_ref_end|>` (no loss), then the target
   `The answer to the question is: {answer}<|im_end|>`; routes to the last gold document.
 
-Document numbers are re-drawn every step (TRAINING_NOTES lesson 3) so the model copies them from memory.
+Document numbers are re-drawn every step (TRAINING_NOTES lesson 3) so the model copies them from memory,
+with the digit lengths a bank of that size has (`draw_numbers`).
+
+Routing span (`span`): "official" routes on the whole question block (MSA_SPEC §2.2, §6.4), as served;
+"question" routes on the question's own tokens only. At the first router layer nothing has seen memory, so
+the block's ~20 fixed tokens have one hidden state for every question; with max over routing tokens they
+win and the question tokens get no gradient (the plateau, TRAINING_NOTES). The warm-up trains on the
+question span, the rest of the run on the official one.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -49,19 +57,48 @@ def _with_targets(prefix: P.Prompt, pieces: Sequence[tuple[list[int], bool]], po
     return Seq(ids, routing, labels, positive, stage)
 
 
+SPANS = ("official", "question")
+
+
+def question_token_mask(tok: P.Tokenizer, prompt: P.Prompt, question: str) -> list[bool]:
+    """True for the tokens of `prompt` (a round-1 question prompt) that carry the question's own characters."""
+    pieces = tok.token_texts(prompt.ids)
+    lo = len(P.QUESTION_HEAD)
+    hi = lo + len(question)
+    mask, at = [], 0
+    for piece, routes in zip(pieces, prompt.routing_mask):
+        mask.append(routes and at < hi and at + len(piece) > lo)
+        at += len(piece)
+    return mask
+
+
+def _restrict(later: P.Prompt, block_len: int, question_mask: list[bool]) -> P.Prompt:
+    """A later round's official routing mask with its question-block region (region 2) cut to the question."""
+    mask = list(later.routing_mask)
+    mask[:block_len] = [m and qm for m, qm in zip(mask[:block_len], question_mask[:block_len])]
+    return P.Prompt(later.ids, mask)
+
+
 def question_sequences(tok: P.Tokenizer, q: Question, numbers: Sequence[int], texts: Sequence[str],
-                       mem_index: Sequence[int]) -> list[Seq]:
-    """The interleave steps of one question. numbers/texts/mem_index: per gold document, in hop order."""
+                       mem_index: Sequence[int], *, span: str = "official") -> list[Seq]:
+    """The interleave steps of one question. numbers/texts/mem_index: per gold document, in hop order.
+
+    Later rounds use `P.regenerate_prompt`, the official layout (§6.4) that the engine serves."""
+    if span not in SPANS:
+        raise ValueError(f"span must be one of {SPANS}, got {span!r}")
     ore = [tok.object_ref_end_id]
     first = P.question_prompt(tok, q.question)
+    qmask = question_token_mask(tok, first, q.question)
     transcript = list(first.ids)
     out: list[Seq] = []
-    current = first
+    current = first if span == "official" else P.Prompt(first.ids, qmask)
     for hop in range(len(numbers)):
         target = tok.encode(f"[{numbers[hop]}]") + ore
         out.append(_with_targets(current, [(target, True)], mem_index[hop], min(hop, 1)))
         transcript += target + P.injection_ids(tok, [(numbers[hop], texts[hop])])
         current = P.regenerate_prompt(tok, transcript)
+        if span == "question":
+            current = _restrict(current, len(qmask), qmask)
     end = tok.encode(P.END_OF_RETRIEVE)
     answer = tok.encode(f"{P.ANSWER_PREFIX} {q.answer}") + [tok.im_end_id]
     out.append(_with_targets(current, [(end, True), (P.restatement_ids(tok, q.question), False), (answer, True)],
@@ -69,23 +106,23 @@ def question_sequences(tok: P.Tokenizer, q: Question, numbers: Sequence[int], te
     return out
 
 
-def draw_numbers(rng: random.Random, count: int, max_digits: int = 6) -> list[int]:
-    """`count` distinct document numbers, digit lengths uniform in 1..max_digits (small banks have short ids)."""
-    seen: set[int] = set()
-    out: list[int] = []
-    while len(out) < count:
-        d = rng.randint(1, max_digits)
-        n = rng.randrange(0 if d == 1 else 10 ** (d - 1), 10**d)
-        if n not in seen:
-            seen.add(n)
-            out.append(n)
-    return out
+def draw_numbers(rng: random.Random, count: int, *, min_bank: int = 200, max_bank: int = 150_000) -> list[int]:
+    """`count` distinct document numbers as a bank would have them: a bank numbers its documents 0..N-1 in
+    ingest order, so draw a bank size N log-uniformly in [min_bank, max_bank] (16K to ~12M tokens of this
+    corpus) and sample from range(N). A 1M-token bank (~12K documents) then has 83% 4-digit numbers, as
+    served; uniform digit lengths (the old draw) gave 4-digit numbers a sixth of the time."""
+    lo = max(min_bank, count)
+    n = int(math.exp(rng.uniform(math.log(lo), math.log(max(lo, max_bank)))))
+    return rng.sample(range(max(n, count)), count)
 
 
 def make_batch(tok: P.Tokenizer, world: World, rng: random.Random, *, questions: int, memory: int,
                kinds: Sequence[str] = ("single", "single", "twohop", "twohop", "needle"),
-               max_doc_tokens: int = 256, renumber: bool = True) -> Batch:
-    """One step: `questions` questions over a memory of `memory` documents (their gold ones inside)."""
+               max_doc_tokens: int = 256, renumber: bool = True, span: str = "official") -> Batch:
+    """One step: `questions` questions over a memory of `memory` documents (their gold ones inside).
+
+    With a small world (1-2K documents) the memory holds a large share of it, so the documents a gold one
+    names (its town, employer, founder) and those naming it are often in memory too: hard negatives."""
     qs: list[Question] = []
     while len(qs) < questions:
         want = kinds[rng.randrange(len(kinds))]
@@ -109,7 +146,7 @@ def make_batch(tok: P.Tokenizer, world: World, rng: random.Random, *, questions:
     seqs: list[Seq] = []
     for q in qs:
         seqs += question_sequences(tok, q, [num_of[g] for g in q.gold], [texts[g] for g in q.gold],
-                                   [mem_docs[g] for g in q.gold])
+                                   [mem_docs[g] for g in q.gold], span=span)
     return collate(tok, mem, seqs)
 
 
@@ -138,9 +175,11 @@ class StepStream(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
     """Endless batches from training worlds; each DataLoader worker draws from its own seeds."""
 
     def __init__(self, tokenizer_json: bytes, *, seed: int, world_docs: int, questions: int, memory: int,
-                 kinds: Sequence[str] = ("single", "single", "twohop", "twohop", "needle")) -> None:
+                 kinds: Sequence[str] = ("single", "single", "twohop", "twohop", "needle"), span: str = "official",
+                 world_every: int = 50) -> None:
         self.tokenizer_json, self.seed, self.world_docs = tokenizer_json, seed, world_docs
         self.questions, self.memory, self.kinds = questions, memory, tuple(kinds)
+        self.span, self.world_every = span, max(1, world_every)
 
     def __iter__(self) -> Iterator[Batch]:
         from tokenizers import Tokenizer as HF
@@ -151,7 +190,8 @@ class StepStream(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
         rng = random.Random(self.seed * 1000 + wid)
         step = 0
         while True:
-            # a fresh world every 50 steps: names, attributes and layouts keep changing
-            world = World(seed=self.seed * 100_000 + wid * 1000 + step // 50, num_docs=self.world_docs)
-            yield make_batch(tok, world, rng, questions=self.questions, memory=self.memory, kinds=self.kinds)
+            # a fresh world every `world_every` steps: names, attributes and layouts keep changing
+            world = World(seed=(self.seed * 100 + wid) * 1_000_000 + step // self.world_every, num_docs=self.world_docs)
+            yield make_batch(tok, world, rng, questions=self.questions, memory=self.memory, kinds=self.kinds,
+                             span=self.span)
             step += 1

@@ -1,7 +1,14 @@
 """The training loop: two phases (MSA paper §3.3.1), AdamW, cosine decay, bf16 autocast on GPU.
 
-Phase 1 (warm-up, the first `warmup_frac` of the run): loss = 0.1·L_LM + L_aux at `lr_warmup`.
-Phase 2: loss = L_LM + 0.1·L_aux at `lr`, cosine-decayed to `lr * min_lr_frac`.
+Phase 1 (warm-up): loss = 0.1·L_LM + L_aux at `lr_warmup`, nothing forced, on `warmup_span` (the question's
+own tokens by default) and `warmup_kinds` (single-hop + needle). It ends when the first router layer's
+in-batch round-1 recall@1 (a running mean) reaches `warmup_until`, or at `warmup_frac` of the run at the
+latest (TRAINING_NOTES: the question span and single-hop questions let routing leave the plateau; two-hop
+from the start kept every tiny run on it for ≥ 250 steps).
+Phase 2: loss = L_LM + 0.1·L_aux at `lr`, cosine-decayed to `lr * min_lr_frac`, the official routing span,
+the full question mix, the positive forced on every `force_every`-th step.
+The learning rate ramps up linearly over the first `lr_ramp_steps` steps of each phase (Adam's moments
+are cold at the start and after the loss changes).
 Progress is measured in time when `time_budget_s` is set (GPU runs have a fixed lease), else in steps.
 """
 
@@ -13,7 +20,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -80,7 +87,7 @@ class TrainConfig:
     lr: float = 1.5e-3
     lr_warmup: float = 2e-3
     min_lr_frac: float = 0.05
-    warmup_frac: float = 0.15
+    warmup_frac: float = 0.3
     weight_decay: float = 0.01
     tau: float = 0.1
     workers: int = 0
@@ -88,6 +95,20 @@ class TrainConfig:
     save_every_s: float = 0.0
     device: str = "cpu"
     kinds: tuple[str, ...] = ("single", "single", "twohop", "twohop", "needle")
+    warmup_kinds: tuple[str, ...] = ("single", "single", "needle")
+    warmup_span: str = "question"
+    """Routing span of phase 1 (msabank.train.data.SPANS)."""
+    span: str = "official"
+    """Routing span of phase 2. "question" trains routing on the question's tokens only; with the positive
+    forced on every step the span changes only the aux loss (the selection is the positive either way)."""
+    aux_weight: float = 0.1
+    """Weight of L_aux in phase 2 (paper: 0.1)."""
+    warmup_until: float | None = 0.8
+    """Phase 1 ends once the running first-router-layer round-1 recall@1 reaches this (None: at warmup_frac)."""
+    recall_window: int = 50
+    lr_ramp_steps: int = 100
+    world_every: int = 50
+    """Draw a fresh training world every this many steps (per loader worker)."""
     force_every: int = 2
     """Phase 2 forces the positive into the selection on every `force_every`-th step (1 = always, 0 = never).
     Phase 1 never forces: with k=1 a forced document leaks the label into later router layers (they see its
@@ -99,12 +120,42 @@ class TrainConfig:
     the number is not in the input there, so the loss only taught guessing (run 2 lost copying that way)."""
 
 
-def _lr(tc: TrainConfig, progress: float) -> tuple[float, bool]:
-    if progress < tc.warmup_frac:
-        return tc.lr_warmup, True
-    x = (progress - tc.warmup_frac) / max(1e-9, 1 - tc.warmup_frac)
+def _lr(tc: TrainConfig, progress: float, switched_at: float | None, steps_in_phase: int) -> float:
+    """LR at `progress` (0..1); `switched_at`: the progress at which phase 2 began (None: still phase 1)."""
+    ramp = min(1.0, (steps_in_phase + 1) / max(1, tc.lr_ramp_steps))
+    if switched_at is None:
+        return tc.lr_warmup * ramp
+    x = (progress - switched_at) / max(1e-9, 1 - switched_at)
     lo = tc.lr * tc.min_lr_frac
-    return lo + 0.5 * (tc.lr - lo) * (1 + math.cos(math.pi * min(1.0, x))), False
+    return ramp * (lo + 0.5 * (tc.lr - lo) * (1 + math.cos(math.pi * min(1.0, x))))
+
+
+class _Phase:
+    """Which phase the run is in, and the measured switch (first router layer's round-1 recall@1)."""
+
+    def __init__(self, tc: TrainConfig) -> None:
+        self.tc = tc
+        self.switched_at: float | None = 0.0 if tc.warmup_frac <= 0 else None
+        self.step0 = 0
+        self.recent: list[float] = []
+
+    @property
+    def warm(self) -> bool:
+        return self.switched_at is None
+
+    def observe(self, step: int, progress: float, recall_l0: float | None) -> bool:
+        """Record one step's recall; True when phase 2 starts now."""
+        if not self.warm:
+            return False
+        if recall_l0 is not None:
+            self.recent = (self.recent + [recall_l0])[-self.tc.recall_window :]
+        full = len(self.recent) == self.tc.recall_window
+        reached = (self.tc.warmup_until is not None and full
+                   and sum(self.recent) / len(self.recent) >= self.tc.warmup_until)
+        if reached or progress >= self.tc.warmup_frac:
+            self.switched_at, self.step0 = progress, step + 1
+            return True
+        return False
 
 
 def train(model: MSAModel, tokenizer: Tokenizer, tc: TrainConfig,
@@ -114,11 +165,18 @@ def train(model: MSAModel, tokenizer: Tokenizer, tc: TrainConfig,
 
     dev = torch.device(tc.device)
     model.to(dev).train()
-    stream = StepStream(tokenizer.json_bytes, seed=tc.seed, world_docs=tc.world_docs, questions=tc.questions,
-                        memory=tc.memory, kinds=tc.kinds)
-    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=tc.workers,
-                                         pin_memory=dev.type == "cuda", prefetch_factor=4 if tc.workers else None,
-                                         persistent_workers=tc.workers > 0)
+
+    def batches(phase: int) -> Iterator[Any]:
+        stream = StepStream(tokenizer.json_bytes, seed=tc.seed + 7919 * phase, world_docs=tc.world_docs,
+                            questions=tc.questions, memory=tc.memory, world_every=tc.world_every,
+                            kinds=tc.warmup_kinds if phase == 1 else tc.kinds,
+                            span=tc.warmup_span if phase == 1 else tc.span)
+        return iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=tc.workers,
+                                                pin_memory=dev.type == "cuda",
+                                                prefetch_factor=4 if tc.workers else None))
+
+    phase = _Phase(tc)
+    loader = batches(1 if phase.warm else 2)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0}],
@@ -127,32 +185,39 @@ def train(model: MSAModel, tokenizer: Tokenizer, tc: TrainConfig,
     rows: list[dict[str, Any]] = []
     t0 = time.time()
     acc: dict[str, float] = {}
-    for step, batch in enumerate(loader):
+    last_save = t0
+    step = 0
+    while True:
         elapsed = time.time() - t0
         progress = elapsed / tc.time_budget_s if tc.time_budget_s else step / tc.steps
         if progress >= 1.0 or step >= tc.steps:
             break
-        lr, warm = _lr(tc, progress)
+        warm = phase.warm
+        lr = _lr(tc, progress, phase.switched_at, step - phase.step0)
         for g in opt.param_groups:
             g["lr"] = lr
-        batch = batch.to(dev)
+        batch = next(loader).to(dev)
         force = not warm and tc.force_every > 0 and step % tc.force_every == 0
         with amp:
             out = forward(model, batch, tau=tc.tau, force_positive=force, lm_only_routed=tc.lm_only_routed,
                           aux_layer_weights=tc.aux_layer_weights)
         lm = out.lm_loss if out.lm_loss is not None else torch.zeros((), device=dev)
         aux = out.aux_loss if out.aux_loss is not None else torch.zeros((), device=dev)
-        loss = 0.1 * lm + aux if warm else lm + 0.1 * aux
+        loss = 0.1 * lm + aux if warm else lm + tc.aux_weight * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         with torch.no_grad():
-            for key, val in _metrics(out, batch).items():
+            metrics = _metrics(out, batch)
+            for key, val in metrics.items():
                 acc[key] = acc.get(key, 0.0) + val
             acc["lm"] = acc.get("lm", 0.0) + float(lm)
             acc["aux"] = acc.get("aux", 0.0) + float(aux)
             acc["n"] = acc.get("n", 0.0) + 1
+        if phase.observe(step, progress, metrics.get("round1_recall1_L0")):
+            log.info("phase 2 from step %d (%.0f%% of the run)", step + 1, 100 * progress)
+            loader = batches(2)
         if (step + 1) % tc.log_every == 0:
             n = acc.pop("n")
             row = {"step": step + 1, "time_s": round(time.time() - t0, 1), "lr": lr, "phase": 1 if warm else 2,
@@ -162,6 +227,10 @@ def train(model: MSAModel, tokenizer: Tokenizer, tc: TrainConfig,
             log.info("train %s", json.dumps(row))
             if on_log is not None:
                 on_log(row)
+        if tc.save_every_s and time.time() - last_save >= tc.save_every_s:
+            save(model, tokenizer, tc.out_dir, extra={"train_config": asdict(tc), "log_tail": rows[-5:]})
+            last_save = time.time()
+        step += 1
     save(model, tokenizer, tc.out_dir, extra={"train_config": asdict(tc), "log_tail": rows[-5:]})
     return rows
 
