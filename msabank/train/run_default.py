@@ -38,7 +38,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--workers", type=int, default=10)
     ap.add_argument("--lr", type=float, default=1.5e-3)
     ap.add_argument("--lr-warmup", type=float, default=2e-3)
-    ap.add_argument("--warmup-frac", type=float, default=0.15)
+    ap.add_argument("--warmup-frac", type=float, default=0.3, help="cap of the warm-up phase (share of the run)")
+    ap.add_argument("--warmup-until", type=float, default=0.8,
+                    help="end the warm-up once the first router layer's running round-1 recall@1 reaches this "
+                         "(<= 0: run the warm-up for --warmup-frac)")
+    ap.add_argument("--warmup-span", default="question", help="routing span of the warm-up: question or official")
+    ap.add_argument("--warmup-kinds", default="single,single,needle")
+    ap.add_argument("--span", default="official", help="routing span after the warm-up: official or question")
+    ap.add_argument("--aux-weight", type=float, default=0.1, help="weight of the routing loss after the warm-up")
+    ap.add_argument("--world-docs", type=int, default=1500,
+                    help="documents per training world (small worlds make related documents each other's negatives)")
+    ap.add_argument("--world-every", type=int, default=1, help="a fresh world every this many steps")
+    ap.add_argument("--lr-ramp-steps", type=int, default=100)
+    ap.add_argument("--save-every", type=float, default=0.0, help="save the checkpoint every this many seconds")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--eval-tokens", default="16000,131072")
     ap.add_argument("--eval-questions", type=int, default=300)
@@ -58,15 +70,20 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     # argument checks before any training time is spent
     kinds = tuple(k for k in args.kinds.split(",") if k)
-    if not kinds or set(kinds) - {"single", "twohop", "needle"}:
-        raise SystemExit(f"--kinds takes single, twohop and needle, got {args.kinds!r}")
+    warmup_kinds = tuple(k for k in args.warmup_kinds.split(",") if k)
+    for flag, ks in (("--kinds", kinds), ("--warmup-kinds", warmup_kinds)):
+        if not ks or set(ks) - {"single", "twohop", "needle"}:
+            raise SystemExit(f"{flag} takes single, twohop and needle, got {','.join(ks)!r}")
+    for flag, span in (("--warmup-span", args.warmup_span), ("--span", args.span)):
+        if span not in ("question", "official"):
+            raise SystemExit(f"{flag} takes question or official, got {span!r}")
     sizes = [int(x) for x in args.eval_tokens.split(",") if x]
     offsets = [int(x) for x in args.eval_seeds.split(",") if x] or list(range(len(sizes)))
     if len(offsets) != len(sizes):
         raise SystemExit("--eval-seeds needs one offset per --eval-tokens entry")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
-    from msabank.evaluate import EVAL_SEED_BASE, evaluate
+    from msabank.train.evaluate import EVAL_SEED_BASE, evaluate
     from msabank.model import load_model
     from msabank.prompt import Tokenizer
     from msabank.train.loop import TrainConfig, default_model_config, new_model, save, train
@@ -92,7 +109,10 @@ def main(argv: list[str] | None = None) -> None:
     tc = TrainConfig(out_dir=str(out), steps=args.steps, time_budget_s=args.budget, questions=args.questions,
                      memory=args.memory, seed=args.seed, lr=args.lr, lr_warmup=args.lr_warmup,
                      warmup_frac=args.warmup_frac, workers=args.workers, device=dev, log_every=args.log_every,
-                     force_every=args.force_every, kinds=kinds,
+                     force_every=args.force_every, kinds=kinds, warmup_kinds=warmup_kinds,
+                     warmup_span=args.warmup_span, span=args.span, aux_weight=args.aux_weight, warmup_until=args.warmup_until if args.warmup_until > 0 else None,
+                     world_docs=args.world_docs, world_every=args.world_every, lr_ramp_steps=args.lr_ramp_steps,
+                     save_every_s=args.save_every,
                      lm_only_routed=not args.keep_unrouted_lm,
                      aux_layer_weights=_layer_weights(args.aux_layer_weights, len(model.config.router_layers)))
     t0 = time.time()
