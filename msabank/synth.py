@@ -298,10 +298,18 @@ class World:
 
 
 def token_counter(tokenizer: object | None) -> Callable[[str], int]:
-    """Exact count with a `tokenizers.Tokenizer`-like object (has `.encode(text).ids`), else chars / 4."""
+    """Exact count with a tokenizer, else chars / 4.
+
+    `tokenizer.encode(text)` may return the ids themselves (msabank.prompt.Tokenizer, what the CLI passes)
+    or an encoding with `.ids` (a raw `tokenizers.Tokenizer`)."""
     if tokenizer is None:
         return lambda text: max(1, len(text) // 4)
-    return lambda text: len(tokenizer.encode(text).ids) + 8  # type: ignore[attr-defined]  # + [n] markers
+
+    def count(text: str) -> int:
+        enc = tokenizer.encode(text)  # type: ignore[attr-defined]
+        return len(getattr(enc, "ids", enc)) + 8  # + [n] markers
+
+    return count
 
 
 def docs_for_tokens(tokens: int, mean_doc_tokens: float = 60.0) -> int:
@@ -317,12 +325,12 @@ def write_corpus(out_dir: str | Path, *, seed: int, tokens: int | None = None, n
     With `tokens`, the document count is set from the mean size of 256 sample documents, so the corpus lands
     near the target in one pass (references must stay inside the corpus, so it cannot stop early)."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     count = token_counter(tokenizer)
-    if num_docs is None:
+    if num_docs is None:  # before the folder exists: a failure here leaves nothing behind
         probe = World(seed=seed, num_docs=1_000_000, needle_every=needle_every)
         mean = sum(count(probe.document(n).text) for n in range(256)) / 256
         num_docs = docs_for_tokens(tokens or 16_000, mean)
+    out.mkdir(parents=True, exist_ok=True)
     world = World(seed=seed, num_docs=num_docs, needle_every=needle_every)
     total = 0
     writer = _Writer(out / f"documents.{fmt}", fmt)
