@@ -192,7 +192,17 @@ class Bank:
             txn.abort()
             if raw is None:
                 raise BankFormatError(f"{root} has no manifest: not an msabank bank", hint="check the path")
-            manifest = dec(bytes(raw))
+            try:
+                manifest = dec(bytes(raw))
+                if not isinstance(manifest, dict):
+                    raise ValueError("not an object")
+                Geometry.from_dict(manifest["geometry"])
+                for key in ("fingerprint", "content_chunk_rows", "routing_chunk_rows", "template_crc"):
+                    manifest[key]
+            except (ValueError, KeyError, TypeError) as err:
+                raise BankCorruptedError(f"bank {root}: the manifest record is damaged ({type(err).__name__})",
+                                         hint="the bank cannot be read; rebuild it from the source corpus "
+                                              "(`msabank init` a new bank, then `msabank ingest` the corpus)") from None
             if manifest.get("format_version") != FORMAT_VERSION:
                 raise BankFormatError(
                     f"bank {root} has format version {manifest.get('format_version')}; this msabank reads version "
@@ -254,21 +264,23 @@ class Bank:
         with self.snapshot() as s:
             return s.tensors(user_id)
 
-    def list(self, *, text: bool = True) -> list[DocumentRecord]:
+    def list(self, *, text: bool = True, damaged: builtins.list[str] | None = None) -> builtins.list[DocumentRecord]:
         with self.snapshot() as s:
-            return s.list(text=text)
+            return s.list(text=text, damaged=damaged)
 
     def stats(self) -> BankStats:
         with self.snapshot() as s:
             return s.stats()
 
-    def routing_keys(self, layer_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def routing_keys(self, layer_index: int, *, damaged: dict[int, str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         with self.snapshot() as s:
-            return s.routing_keys(layer_index)
+            return s.routing_keys(layer_index, damaged=damaged)
 
-    def content_kv(self, numbers: Iterable[int], *, pin: bool = False, check: bool = True) -> dict[int, torch.Tensor]:
+    def content_kv(
+        self, numbers: Iterable[int], *, pin: bool = False, check: bool = True, damaged: dict[int, str] | None = None
+    ) -> dict[int, torch.Tensor]:
         with self.snapshot() as s:
-            return s.content_kv(numbers, pin=pin, check=check)
+            return s.content_kv(numbers, pin=pin, check=check, damaged=damaged)
 
     def changes_since(self, version: int) -> Changes:
         with self.snapshot() as s:
@@ -276,7 +288,11 @@ class Bank:
 
     def template_prefix(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Template-prefix K/V, each (L, Hkv, T0, D) in the bank dtype (checksum-checked)."""
-        k, v = read_template(self.path / "tensors" / "template")
+        try:
+            k, v = read_template(self.path / "tensors" / "template")
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError) as err:
+            raise BankCorruptedError(f"bank {self.path}: the template prefix cannot be read ({type(err).__name__}: "
+                                     f"{str(err)[:200]})") from None
         if [crc32c(k), crc32c(v)] != list(self._manifest["template_crc"]):
             raise BankCorruptedError(f"bank {self.path}: template prefix checksum mismatch")
         return from_stored(k, self.geometry.dtype), from_stored(v, self.geometry.dtype)

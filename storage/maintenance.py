@@ -9,12 +9,13 @@ it drops rows past the committed pointer (a crashed write's data) and unreferenc
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -22,7 +23,7 @@ from msabank.errors import BankCorruptedError
 from msabank.storage.codec import crc32c
 from msabank.storage.lmdb_index import dec, enc, k_num, num_k, pack_span, unpack_span, ver_k
 from msabank.storage.records import CompactReport, VerifyReport, VersionRecord
-from msabank.storage.snapshot import Snapshot
+from msabank.storage.snapshot import Snapshot, decode_doc, decode_version
 from msabank.storage.state import gen_dir
 from msabank.storage.tensors import ChunkReadError, Generation, dir_bytes, fsync_dir, remove_tree
 from msabank.storage.write import commit
@@ -137,14 +138,17 @@ def _copy_batch(
     new_start: dict[int, int],
 ) -> tuple[int, int]:
     """Copy one batch of live spans into `new`, checksum-checking each document: (capacity, next row)."""
-    lo = min(b[1] for b in batch)
-    hi = max(b[1] + b[2] for b in batch)
-    idx = np.concatenate([np.arange(st0 - lo, st0 - lo + c) for _, st0, c in batch])
+    # Each document's own rows, through a chunk cache: a chunk holding only garbage rows (of deleted or
+    # superseded versions) is never read, so compaction drops a damaged chunk once its documents are deleted.
+    cache: dict[tuple[int, int], np.ndarray] = {}
     try:
-        content = s.gen.read_rows(s.gen.content, lo, hi)[idx]
-        routing = [s.gen.read_rows(a, lo, hi)[idx] for a in s.gen.routing]
+        content = np.concatenate([s.gen.read_rows(s.gen.content, st0, st0 + c, cache) for _, st0, c in batch])
+        routing = [np.concatenate([s.gen.read_rows(a, st0, st0 + c, cache) for _, st0, c in batch])
+                   for a in s.gen.routing]
     except ChunkReadError as err:
-        raise BankCorruptedError(f"compaction: {err}", hint="run verify to name the documents") from None
+        bad = [s._name(int(n)) for n in s._numbers_in(err.rows)]
+        raise BankCorruptedError(f"compaction: {err} (documents {', '.join(bad[:5])})",
+                                 hint="run `msabank verify` to name every damaged document") from None
     off = 0
     for n, _st0, c in batch:
         d = s._doc(n)
@@ -161,55 +165,108 @@ def _copy_batch(
 
 
 def verify(bank: Bank) -> VerifyReport:
-    """`Bank.verify`: every live document's bytes against its checksums, plus row spans and counters."""
+    """`Bank.verify`: every record decoded and checked (current texts against their content hashes; a
+    superseded version's text is history that a repair cannot rewrite, so it is not checked), every live
+    document's bytes against its checksums, plus row spans and counters. Never raises for damage: each
+    problem is named in the report (documents at fault in `corrupted`)."""
     g = bank.geometry
     problems: list[str] = []
-    corrupted: list[str] = []
+    corrupted: dict[str, None] = {}  # ordered set of user ids (or `#number` when the id is unknown)
+
+    def damaged(name: str, problem: str) -> None:
+        corrupted.setdefault(name, None)
+        problems.append(problem)
+
     with bank.snapshot() as s:
         st = s.state
         docs: list[tuple[int, int, str, VersionRecord]] = []
         live = deleted = tokens = chunks = 0
         covered = np.zeros(st.rows, dtype=np.int8)
+        names: dict[int, str] = {}  # number -> user id, from the id index
         ids_count = 0
         for k, v in s._txn.cursor(db=bank._index.db("ids")):
             ids_count += 1
-            d = s._doc(num_k(bytes(v)))
-            if d is None or d["user_id"] != bytes(k).decode("utf-8"):
-                problems.append(f"id {bytes(k).decode('utf-8', 'replace')!r} maps to a missing or foreign record")
-        for k, v in s._txn.cursor(db=bank._index.db("versions")):
-            vr = VersionRecord.from_dict(dec(bytes(v)))
-            if vr.row_start is not None:
-                if vr.row_start < 0 or vr.row_start + vr.num_chunks > st.rows:
-                    problems.append(f"document #{ver_k(bytes(k))[0]} version {vr.version}: rows past the pointer")
-                else:
-                    covered[vr.row_start : vr.row_start + vr.num_chunks] += 1
-        spans = {num_k(bytes(k)): unpack_span(bytes(v)) for k, v in s._txn.cursor(db=bank._index.db("spans"))}
+            try:
+                uid = bytes(k).decode("utf-8")
+            except UnicodeDecodeError:
+                problems.append(f"id {bytes(k)!r:.80} in the id index is damaged (not UTF-8)")
+                continue
+            if len(v) != 8:
+                damaged(uid, f"document {uid!r}: its number record in the id index is damaged")
+                continue
+            names[num_k(bytes(v))] = uid
+        records: dict[int, dict[str, Any]] = {}
+        unreadable: set[int] = set()
         n_docs = 0
         for k, v in s._txn.cursor(db=bank._index.db("docs")):
             n_docs += 1
             number = num_k(bytes(k))
-            d = dec(bytes(v))
+            name = names.get(number, f"#{number}")
+            try:
+                d = decode_doc(bytes(v), number)
+            except BankCorruptedError as err:
+                damaged(name, f"document {name!r}: {err}" if number in names else str(err))
+                unreadable.add(number)
+                continue
+            records[number] = d
+            if names.get(number) != d["user_id"]:
+                damaged(name, f"document #{number}: its record names {d['user_id']!r:.60}, the id index "
+                              f"{'has no id for it' if number not in names else repr(names[number])}")
+        for number, uid in names.items():
+            if number not in records and number not in unreadable:
+                damaged(uid, f"document {uid!r}: the id index points at record #{number}, which is missing")
+        for k, v in s._txn.cursor(db=bank._index.db("versions")):
+            number, ver = ver_k(bytes(k))
+            name = names.get(number, f"#{number}")
+            try:
+                vr = decode_version(bytes(v), number, ver)
+            except BankCorruptedError as err:
+                damaged(name, f"document {name!r}: {err}")
+                continue
+            if vr.row_start is not None:
+                if vr.row_start < 0 or vr.num_chunks < 0 or vr.row_start + vr.num_chunks > st.rows:
+                    damaged(name, f"document {name!r} version {vr.version}: rows past the pointer")
+                else:
+                    covered[vr.row_start : vr.row_start + vr.num_chunks] += 1
+        spans: dict[int, tuple[int, int]] = {}
+        for k, v in s._txn.cursor(db=bank._index.db("spans")):
+            number = num_k(bytes(k))
+            if len(v) != 16:
+                damaged(names.get(number, f"#{number}"), f"document #{number}: its row span record is damaged")
+                continue
+            spans[number] = unpack_span(bytes(v))
+        for number, d in records.items():
+            uid = str(d["user_id"])
             if d["state"] != "live":
                 deleted += 1
                 if number in spans:
-                    problems.append(f"deleted document {d['user_id']!r} still has a live span")
+                    problems.append(f"deleted document {uid!r} still has a live span")
                 continue
             live += 1
-            vr = s._version(number, d["version"])
-            if vr.row_start is None or spans.get(number) != (vr.row_start, vr.num_chunks):
-                problems.append(f"document {d['user_id']!r}: span record disagrees with its version record")
+            try:
+                vr = s._current(number, d)
+            except BankCorruptedError as err:
+                damaged(uid, str(err))
                 continue
+            if spans.get(number) != (vr.row_start, vr.num_chunks):
+                damaged(uid, f"document {uid!r}: span record disagrees with its version record")
+                continue
+            assert vr.row_start is not None
             tokens += vr.n_tokens
             chunks += vr.num_chunks
-            docs.append((vr.row_start, number, d["user_id"], vr))
+            docs.append((vr.row_start, number, uid, vr))
+        for number in spans.keys() - records.keys() - unreadable:
+            problems.append(f"row span of document #{number} has no document record")
         if ids_count != n_docs:
             problems.append(f"{ids_count} ids but {n_docs} document records")
-        if (live, deleted, chunks, tokens) != (st.live_docs, st.deleted_docs, st.live_chunks, st.live_tokens):
+        if not corrupted and (live, deleted, chunks, tokens) != (
+            st.live_docs, st.deleted_docs, st.live_chunks, st.live_tokens
+        ):
             problems.append(
                 f"counters say {st.live_docs} live/{st.deleted_docs} deleted/{st.live_chunks} chunks/"
                 f"{st.live_tokens} tokens, records say {live}/{deleted}/{chunks}/{tokens}"
             )
-        if st.next_number <= max((n for _, n, _, _ in docs), default=-1):
+        if st.next_number <= max(records, default=-1):
             problems.append(f"next number {st.next_number} is not past every document number")
         orphan = int((covered == 0).sum())
         if orphan:
@@ -233,12 +290,19 @@ def verify(bank: Bank) -> VerifyReport:
                 try:
                     s._read_doc(uid, vr, routing=True, check=True, cache=cache)
                 except BankCorruptedError as err:
-                    corrupted.append(uid)
-                    problems.append(str(err))
+                    damaged(uid, str(err))
                 rows_checked += vr.num_chunks
             i = j
-        if s.gen.content.shape_rows() < st.rows:
-            problems.append("content array is shorter than the committed rows")
+        try:
+            for k, v in s._txn.cursor(db=bank._index.db("changes")):
+                json.loads(bytes(v))
+        except ValueError:  # UnicodeDecodeError is a ValueError
+            problems.append(f"the change record of bank version {num_k(bytes(k))} is damaged")
+        try:
+            if s.gen.content.shape_rows() < st.rows:
+                problems.append("content array is shorter than the committed rows")
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as err:
+            problems.append(f"the content array's zarr.json is damaged ({type(err).__name__})")
         try:
             bank.template_prefix()
         except BankCorruptedError as err:

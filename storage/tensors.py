@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -82,8 +83,10 @@ def fsync_tree(root: Path) -> None:
 class _Array:
     """One zarr v3 array whose first axis is the row axis, accessed chunk by chunk."""
 
-    def __init__(self, path: Path, row_shape: tuple[int, ...], chunk_rows: int, dtype: np.dtype) -> None:
+    def __init__(self, path: Path, row_shape: tuple[int, ...], chunk_rows: int, dtype: np.dtype, label: str) -> None:
         self.path = path
+        self.label = label
+        """How messages name the array: `content` or `routing/<layer>`."""
         self.row_shape = row_shape
         self.chunk_rows = chunk_rows
         self.dtype = dtype
@@ -105,13 +108,22 @@ class _Array:
         try:
             raw = self.chunk_file(i).read_bytes()
         except FileNotFoundError:
-            raise ChunkReadError(self.path.name, i, (lo, lo + self.chunk_rows), "chunk file missing") from None
+            raise ChunkReadError(self.label, i, (lo, lo + self.chunk_rows), "chunk file missing") from None
         if out is None:
             out = np.empty((self.chunk_rows, *self.row_shape), dtype=self.dtype)
+        # The Blosc header (bytes 4..16: raw size, block size, compressed size) is checked before decoding:
+        # a damaged header must be refused here, not handed to the decompressor.
+        if len(raw) < 16:
+            raise ChunkReadError(self.label, i, (lo, lo + self.chunk_rows), f"cannot decode: {len(raw)} bytes") from None
+        nbytes, _blocksize, cbytes = struct.unpack_from("<III", raw, 4)
+        if nbytes != out.nbytes or cbytes != len(raw):
+            raise ChunkReadError(self.label, i, (lo, lo + self.chunk_rows),
+                                 f"cannot decode: damaged header ({nbytes} raw / {cbytes} stored bytes, want "
+                                 f"{out.nbytes} / {len(raw)})") from None
         try:
             blosc.decompress(raw, out)
         except (RuntimeError, ValueError) as err:
-            raise ChunkReadError(self.path.name, i, (lo, lo + self.chunk_rows), f"cannot decode: {err}") from None
+            raise ChunkReadError(self.label, i, (lo, lo + self.chunk_rows), f"cannot decode: {err}") from None
         return out
 
     def encode_write(self, i: int, block: np.ndarray) -> int:
@@ -143,9 +155,11 @@ class Generation:
         self.geometry = geometry
         g = geometry
         dt = np.dtype(DTYPE_STORED[g.dtype])
-        self.content = _Array(path / "content", (g.num_router_layers, 2, g.num_kv_heads, g.head_dim), content_chunk_rows, dt)
+        self.content = _Array(path / "content", (g.num_router_layers, 2, g.num_kv_heads, g.head_dim), content_chunk_rows, dt,
+                              "content")
         self.routing = [
-            _Array(path / "routing" / str(i), (g.row_width,), routing_chunk_rows, dt) for i in range(g.num_router_layers)
+            _Array(path / "routing" / str(i), (g.row_width,), routing_chunk_rows, dt, f"routing/{i}")
+            for i in range(g.num_router_layers)
         ]
         self.bytes_written = 0
         self._dirty_dirs: set[Path] = set()
@@ -271,16 +285,33 @@ class Generation:
             out[a - start : b - start] = block[a - lo : b - lo]
         return out
 
-    def read_all(self, arr: _Array, stop: int, pool: ThreadPoolExecutor | None = None) -> np.ndarray:
-        """Rows [0, stop) decoded straight into one buffer (the bulk routing path)."""
+    def read_all(
+        self, arr: _Array, stop: int, pool: ThreadPoolExecutor | None = None, bad: list[ChunkReadError] | None = None
+    ) -> np.ndarray:
+        """Rows [0, stop) decoded straight into one buffer (the bulk routing path).
+
+        An undecodable chunk raises ChunkReadError, or, when a `bad` list is given, is appended to it and
+        its rows are zeros."""
         cr = arr.chunk_rows
         nchunks = -(-stop // cr)
         buf = np.empty((nchunks * cr, *arr.row_shape), dtype=arr.dtype)
+
+        def one(i: int) -> None:
+            try:
+                arr.decode(i, buf[i * cr : (i + 1) * cr])
+            except ChunkReadError as err:
+                if bad is None:
+                    raise
+                buf[i * cr : (i + 1) * cr] = 0
+                bad.append(err)
+
         if pool is None or nchunks < 4:
             for i in range(nchunks):
-                arr.decode(i, buf[i * cr : (i + 1) * cr])
+                one(i)
         else:
-            list(pool.map(lambda i: arr.decode(i, buf[i * cr : (i + 1) * cr]), range(nchunks)))
+            list(pool.map(one, range(nchunks)))
+        if bad:
+            bad.sort(key=lambda e: e.chunk)
         return buf[:stop]
 
     def disk_bytes(self) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import lmdb
 import numpy as np
@@ -24,6 +24,7 @@ from msabank.storage.tensors import ChunkReadError
 
 if TYPE_CHECKING:
     from msabank.storage.bank import Bank
+    from msabank.storage.snapshot import Snapshot
 
 
 def plan_items(bank: Bank, items: Iterable[tuple[str, str]]) -> list[Planned]:
@@ -43,12 +44,11 @@ def plan_items(bank: Bank, items: Iterable[tuple[str, str]]) -> list[Planned]:
                 out.append(Planned(user_id, nxt, h, "add", text))
                 nxt += 1
                 continue
-            d = s._doc(number)
-            assert d is not None, f"id {user_id!r} maps to #{number} without a record"
+            d = _existing(s, user_id, number)
             action: Action
             if d["state"] != "live":
                 action = "add"
-            elif d["content_hash"] == h:
+            elif _unchanged(s, number, d, h):
                 action = "unchanged"
             else:
                 action = "update"
@@ -89,14 +89,14 @@ def write_docs(bank: Bank, docs: Sequence[DocumentWrite], delete: Sequence[str] 
             if content_hash(dw.text) != dw.content_hash:
                 raise InputError(f"document {dw.user_id!r}: content_hash does not match its text")
             existing = s._number(dw.user_id)
-            d = None if existing is None else s._doc(existing)
+            d = None if existing is None else _existing(s, dw.user_id, existing)
             if existing is not None:
                 if dw.number != existing:
                     raise InputError(
                         f"document {dw.user_id!r} has number {existing}, not {dw.number}", hint="use Bank.plan"
                     )
                 assert d is not None
-                if d["state"] == "live" and d["content_hash"] == dw.content_hash:
+                if d["state"] == "live" and _unchanged(s, existing, d, dw.content_hash):
                     unchanged += 1
                     continue
             else:
@@ -208,6 +208,34 @@ def write_docs(bank: Bank, docs: Sequence[DocumentWrite], delete: Sequence[str] 
         puts.append(("meta", b"state", enc(new_state.to_dict())))
     commit(bank._index, puts, dels)  # pointer last
     return WriteReport(added, updated, unchanged, len(deleted), version)
+
+
+def _existing(s: Snapshot, user_id: str, number: int) -> dict[str, Any]:
+    """The record of an existing id; a damaged one cannot be written over (BankCorruptedError names it)."""
+    try:
+        d = s._doc(number)
+    except BankCorruptedError as err:
+        raise BankCorruptedError(
+            f"document {user_id!r}: {err}", doc_id=user_id,
+            hint="its record cannot be read, so it cannot be rewritten in place; rebuild the bank from the source: "
+                 "`msabank init NEW`, then `msabank ingest NEW CORPUS`",
+        ) from None
+    if d is None or d["user_id"] != user_id:
+        raise BankCorruptedError(f"document {user_id!r}: the id index points at record #{number}, which "
+                                 f"{'is missing' if d is None else 'names another id'}", doc_id=user_id)
+    return d
+
+
+def _unchanged(s: Snapshot, number: int, d: dict[str, Any], h: str) -> bool:
+    """Same content hash *and* a stored text that still matches it: a damaged text is rewritten (repaired)
+    by re-ingesting the original, not skipped as unchanged."""
+    if d["content_hash"] != h:
+        return False
+    try:
+        s._current(number, d)
+    except BankCorruptedError:
+        return False
+    return True
 
 
 def commit(idx: Index, puts: list[tuple[str, bytes, bytes]], dels: list[tuple[str, bytes]]) -> None:
