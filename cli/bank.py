@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Optional
 
@@ -39,6 +42,12 @@ def _open(bank: Path, model: Optional[str], device: Optional[str], readonly: boo
         raise served_by(bank, err) from None
 
 
+def _is_local(eng: object) -> bool:
+    from msabank.engine import Engine
+
+    return isinstance(eng, Engine)
+
+
 def init(bank: Path = BankArg, model: Optional[str] = typer.Option(None, "--model", "-m",
          help="Checkpoint directory (default: the embedded default model)."),
          dtype: Optional[str] = typer.Option(None, "--dtype", help="Storage dtype: bfloat16, float16 or float32 "
@@ -66,25 +75,13 @@ def ingest(bank: Path = BankArg,
            model: Optional[str] = ModelOpt, device: Optional[str] = DeviceOpt, json_out: bool = JsonOpt,
            server: Optional[str] = ServerOpt) -> None:
     """Encode a corpus into the bank (resumable: committed, unchanged documents are skipped)."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
     from msabank.storage.readers import read_corpus
 
     # A full validating pass first (streaming, ~1 GB/s): a malformed corpus changes nothing in the bank.
     total = validate_corpus(corpus, id_field=id_field, text_field=text_field, fmt=fmt)
     batches = read_corpus(corpus, id_field=id_field, text_field=text_field, fmt=fmt, batch_size=batch_size)
     t0 = time.perf_counter()
-    with _open(bank, model, device, server=server) as eng, Progress(
-        TextColumn("[bold]ingest"), BarColumn(), TextColumn("{task.completed}/{task.total} docs"),
-        TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-        console=err_console, transient=not sys.stderr.isatty(), disable=not sys.stderr.isatty(),
-    ) as bar:
-        task = bar.add_task("ingest", total=total, rate="")
-
-        def progress(docs: int, tokens: int) -> None:
-            dt = max(time.perf_counter() - t0, 1e-9)
-            bar.update(task, completed=docs, rate=f"{tokens / dt:,.0f} tok/s")
-
+    with _open(bank, model, device, server=server) as eng, _progress("ingest", total) as progress:
         run = eng.sync if sync else eng.ingest
         report = run(batches, batch_size=batch_size, progress=progress)
     seconds = time.perf_counter() - t0
@@ -92,6 +89,54 @@ def ingest(bank: Path = BankArg,
         emit_json({"report": report, "seconds": seconds})
     else:
         out_console.print(f"{report_line(report)} in {seconds:.1f}s")
+
+
+PROGRESS_INTERVAL_ENV = "MSABANK_PROGRESS_SECONDS"
+
+
+@contextlib.contextmanager
+def _progress(label: str, total: int) -> Iterator[Callable[[int, int], None]]:
+    """A progress callback (documents done, tokens encoded): a live bar on a terminal; otherwise plain lines
+    on stderr every MSABANK_PROGRESS_SECONDS (default 10; 0: after every batch), so a log shows progress."""
+    if not sys.stderr.isatty():
+        yield _progress_lines(label, total)
+        return
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    t0 = time.perf_counter()
+    with Progress(TextColumn(f"[bold]{label}"), BarColumn(), TextColumn("{task.completed}/{task.total} docs"),
+                  TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                  console=err_console, transient=False) as bar:
+        task = bar.add_task(label, total=total, rate="")
+
+        def progress(docs: int, tokens: int) -> None:
+            dt = max(time.perf_counter() - t0, 1e-9)
+            bar.update(task, completed=docs, rate=f"{tokens / dt:,.0f} tok/s")
+
+        yield progress
+
+
+def _progress_lines(label: str, total: int) -> Callable[[int, int], None]:
+    try:
+        every = float(os.environ.get(PROGRESS_INTERVAL_ENV, "10"))
+    except ValueError:
+        raise InputError(f"{PROGRESS_INTERVAL_ENV}={os.environ[PROGRESS_INTERVAL_ENV]!r} is not a number of "
+                         "seconds") from None
+    t0 = time.perf_counter()
+    last = [t0]
+
+    def progress(docs: int, tokens: int) -> None:
+        now = time.perf_counter()
+        if now - last[0] < every and docs < total:
+            return
+        last[0] = now
+        dt = max(now - t0, 1e-9)
+        eta = f", ETA {(total - docs) * dt / docs:.0f}s" if 0 < docs < total else ""
+        sys.stderr.write(f"{label}: {docs}/{total} docs ({100 * docs / max(total, 1):.0f}%), {tokens:,} tokens "
+                         f"encoded, {tokens / dt:,.0f} tok/s, {dt:.0f}s elapsed{eta}\n")
+        sys.stderr.flush()
+
+    return progress
 
 
 def validate_corpus(corpus: Path, *, id_field: str, text_field: str, fmt: Optional[str]) -> int:
@@ -155,9 +200,16 @@ def ls(bank: Path = BankArg, limit: int = typer.Option(0, "--limit", min=0, help
     from rich.table import Table
     from rich.text import Text
 
+    damaged: list[str] = []
     with _open(bank, model, "cpu", readonly=True, server=server) as eng:
-        recs = list(eng.list())
+        # a local bank lists what it can read and names the damaged records; a server lists its own way
+        recs = eng.bank.list(damaged=damaged) if _is_local(eng) else list(eng.list())
     recs = recs[:limit] if limit else recs
+    for d in damaged:
+        err_console.print(f"warning: skipped damaged {d}", markup=False)
+    if damaged:
+        err_console.print(f"warning: {len(damaged)} damaged document(s) not listed; run `msabank verify {bank}`",
+                          markup=False)
     if json_out:
         emit_json([{"id": r.user_id, "number": r.number, "version": r.version, "tokens": r.n_tokens,
                     "chunks": r.num_chunks, "updated_at": r.updated_at} for r in recs])
@@ -208,22 +260,86 @@ def stats(bank: Path = BankArg, model: Optional[str] = ModelOpt, json_out: bool 
                       f"disk ({per_tok:.0f} B/token of tensors)")
 
 
-def verify(bank: Path = BankArg, model: Optional[str] = ModelOpt, json_out: bool = JsonOpt) -> None:
-    """Check every checksum and structure; exit 1 when anything is wrong."""
-    with _open(bank, model, "cpu", readonly=True) as eng:
+def verify(bank: Path = BankArg,
+           repair: Optional[Path] = typer.Option(None, "--repair", metavar="CORPUS",
+                                                 help="Repair from the source corpus: delete the damaged documents "
+                                                      "it holds, compact, then ingest it (see docs/cli.md)."),
+           id_field: str = typer.Option("id", "--id-field", help="With --repair: the corpus id field."),
+           text_field: str = typer.Option("text", "--text-field", help="With --repair: the corpus text field."),
+           fmt: Optional[str] = typer.Option(None, "--format", help="With --repair: jsonl, parquet, csv or folder."),
+           batch_size: int = typer.Option(32, "--batch-size", min=1, help="With --repair: documents per batch."),
+           model: Optional[str] = ModelOpt, device: Optional[str] = DeviceOpt, json_out: bool = JsonOpt) -> None:
+    """Check every record, text hash, checksum and structure; exit 1 when anything is wrong."""
+    if repair is not None:
+        total = validate_corpus(repair, id_field=id_field, text_field=text_field, fmt=fmt)  # before any change
+    with _open(bank, model, "cpu" if repair is None else device, readonly=repair is None) as eng:
         rep = eng.verify()
+        repaired = None
+        if repair is not None:  # also on a clean bank: a repair cut short deleted documents it had not re-added
+            repaired = _repair(eng, rep, repair, total, id_field=id_field, text_field=text_field, fmt=fmt,
+                               batch_size=batch_size)
+            rep = eng.verify()
     if json_out:
-        emit_json({"ok": rep.ok, "report": rep})
+        emit_json({"ok": rep.ok, "report": rep, **({"repair": repaired} if repaired is not None else {})})
     else:
+        if repaired is not None:
+            out_console.print(f"repair: deleted {len(repaired['deleted'])} damaged documents, then "
+                              + (report_line(repaired["ingest"]) if repaired["ingest"] else "could not ingest "
+                                 "the corpus"), markup=False)
+            if repaired["failed"]:
+                sys.stderr.write(f"warning: repair: {repaired['failed']}\n")
+            for uid in repaired["not_in_corpus"]:
+                sys.stderr.write(f"warning: damaged document {uid!r} is not in {repair}: left as it is\n")
         out_console.print(f"checked {rep.documents} documents, {rep.rows_checked} rows: "
                           f"{'ok' if rep.ok else 'PROBLEMS'}")
         for p in rep.problems:
-            err_console.print(f"  {p}", markup=False)
+            sys.stderr.write(f"  {p}\n")
     if not rep.ok:
         raise BankCorruptedError(f"{len(rep.problems)} problem(s) in {bank}",
                                  doc_id=rep.corrupted[0] if rep.corrupted else None,
-                                 hint=f"`msabank delete {bank} ID…` the named documents, `msabank compact {bank}`, then "
-                                      "ingest them again (a plain re-ingest skips them: their text is unchanged)")
+                                 hint=f"repair from the source corpus: `msabank verify {bank} --repair CORPUS` "
+                                      "(deletes the damaged documents CORPUS holds, compacts, ingests CORPUS); if "
+                                      f"that cannot fix it, rebuild: `msabank init NEW` and `msabank ingest NEW CORPUS`")
+
+
+def _repair(eng, rep, corpus: Path, total: int, *, id_field: str, text_field: str, fmt: Optional[str],  # noqa: ANN001
+            batch_size: int) -> dict:
+    """`verify --repair`: delete the damaged documents the corpus holds (their rows go with `compact`, so
+    the damaged chunks are never read again), then a plain ingest of the corpus re-encodes them, rewrites
+    damaged texts and adds what is missing. Each step commits on its own: re-running resumes."""
+    from msabank.storage.readers import read_corpus
+
+    source = {i for batch in read_corpus(corpus, id_field=id_field, text_field=text_field, fmt=fmt) for i, _ in batch}
+    bad = [u for u in rep.corrupted if u in source]
+    deletable = []
+    for uid in bad:
+        try:
+            eng.bank.get(uid)
+            deletable.append(uid)
+        except BankCorruptedError as err:
+            if "content hash" not in str(err):  # a damaged text is rewritten by the ingest below
+                deletable.append(uid)
+    deleted: list[str] = []
+    for uid in deletable:
+        try:
+            eng.delete([uid])
+            deleted.append(uid)
+        except BankCorruptedError:
+            pass  # its record cannot be read: left to the final verify (rebuild)
+    failed = None
+    if deleted:
+        try:
+            eng.compact()
+        except BankCorruptedError as err:  # a damaged document the corpus does not hold shares the rows
+            failed = f"compaction: {err}"
+    batches = read_corpus(corpus, id_field=id_field, text_field=text_field, fmt=fmt, batch_size=batch_size)
+    report = None
+    try:
+        report = eng.ingest(batches, batch_size=batch_size, progress=_progress_lines("repair", total))
+    except BankCorruptedError as err:  # a record that cannot be read cannot be rewritten in place
+        failed = str(err)
+    return {"deleted": deleted, "not_in_corpus": [u for u in rep.corrupted if u not in source], "ingest": report,
+            "failed": failed}
 
 
 def compact(bank: Path = BankArg, model: Optional[str] = ModelOpt, json_out: bool = JsonOpt) -> None:
