@@ -10,6 +10,7 @@ This module does not tokenize and does not touch a bank.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -103,7 +104,7 @@ def _validate(
             raise InputError(f"document {uid!r} has empty text", path=path, line=where(k))
         if uid in seen:
             raise InputError(
-                f"duplicate id {uid!r} (also at line {where(seen[uid])}) in one batch", path=path, line=where(k)
+                f"duplicate id {uid!r} (first at line {where(seen[uid])})", path=path, line=where(k)
             )
         seen[uid] = k
         out.append((uid, text))
@@ -133,9 +134,12 @@ class _Where:
         return n + 2
 
 
-def _first_bad_line(path: str) -> tuple[int, str] | None:
-    """The first line that is not UTF-8 or (for JSONL) not a JSON object, with the reason."""
+def _first_bad_line(path: str, fields: Sequence[str] = ()) -> tuple[int, str] | None:
+    """The first line that is not UTF-8 or (for JSONL) not a JSON object, or whose value of one of `fields`
+    has another JSON type than on the first line that has it (pyarrow infers one type per column and
+    names only a 0-based row of its block), with the reason."""
     jsonl = not path.lower().endswith((".csv", ".tsv"))
+    first_type: dict[str, tuple[str, int]] = {}
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             try:
@@ -146,17 +150,53 @@ def _first_bad_line(path: str) -> tuple[int, str] | None:
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as err:
-                    return lineno, f"bad JSON: {err.msg} at column {err.colno}"
+                    return lineno, f"bad JSON: {err.msg} (column {err.colno})"
                 if not isinstance(obj, dict):
                     return lineno, "a JSON line must be an object"
+                for field in fields:
+                    if obj.get(field) is None:
+                        continue
+                    kind = _json_kind(obj[field])
+                    seen = first_type.setdefault(field, (kind, lineno))
+                    if seen[0] != kind:
+                        return lineno, (f"field {field!r} is {kind} here but {seen[0]} on line {seen[1]}: every "
+                                        f"line must give {field!r} the same type (write integer ids as strings, "
+                                        'e.g. "7")')
     return None
 
 
-def _arrow_error(path: str, err: Exception) -> InputError:
-    bad = _first_bad_line(path)
+def _json_kind(v: object) -> str:
+    if isinstance(v, bool):
+        return "a boolean"
+    if isinstance(v, (int, float)):
+        return "a number"
+    if isinstance(v, str):
+        return "a string"
+    return "an array" if isinstance(v, list) else "an object"
+
+
+def _arrow_error(path: str, err: Exception, fields: Sequence[str] = ()) -> InputError:
+    bad = _first_bad_line(path, fields)
     if bad is not None:
         return InputError(bad[1], path=path, line=bad[0])
     return InputError(f"cannot read: {err}", path=path)
+
+
+def check_csv_quotes(path: str, delimiter: str = ",") -> None:
+    """A full scan with Python's csv module in strict mode: an unterminated or stray quote is an InputError
+    naming the line its record starts on. (pyarrow takes an unterminated quote as one value that runs to
+    the next quote or the end of the file: a whole corpus silently became one document.)"""
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        reader = csv.reader(f, delimiter=delimiter, strict=True)
+        start = 1
+        try:
+            for _row in reader:
+                start = reader.line_num + 1
+        except csv.Error as err:
+            where = f" (found at line {reader.line_num})" if reader.line_num != start else ""
+            raise InputError(f"malformed quoting in the record that starts here: {err}{where}", path=path,
+                             line=start, hint='a field that starts with " must end with " (write " inside a quoted '
+                                              'field as "")') from None
 
 
 def _columns(table: pa.RecordBatch | pa.Table, path: str, id_field: str, text_field: str, first: int, where: _Where) -> Batch:
@@ -180,7 +220,7 @@ def read_jsonl(path: str | os.PathLike[str], *, id_field: str = "id", text_field
     try:
         reader = pajson.open_json(p, read_options=pajson.ReadOptions(block_size=_BLOCK))
     except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
-        raise _arrow_error(p, err) from None
+        raise _arrow_error(p, err, (id_field, text_field)) from None
     yield from _rebatch(reader, p, id_field, text_field, batch_size, where)
 
 
@@ -189,6 +229,7 @@ def read_csv(path: str | os.PathLike[str], *, id_field: str = "id", text_field: 
     p = str(path)
     where = _Where(p, "csv")
     delimiter = "\t" if p.lower().endswith(".tsv") else ","
+    check_csv_quotes(p, delimiter)
     try:
         reader = pacsv.open_csv(
             p,
@@ -234,7 +275,7 @@ def _rebatch(reader: pa.RecordBatchReader, path: str, id_field: str, text_field:
         except StopIteration:
             break
         except (pa.ArrowInvalid, pa.ArrowTypeError, UnicodeDecodeError) as err:
-            raise _arrow_error(path, err) from None
+            raise _arrow_error(path, err, (id_field, text_field)) from None
         pending_first = first + len(pending)
         pending += _columns(rb, path, id_field, text_field, pending_first, where)
         while len(pending) >= batch_size:
