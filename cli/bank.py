@@ -12,8 +12,8 @@ from typing import Optional
 
 import typer
 
-from msabank.cli._render import emit_json, err_console, out_console, report_line
-from msabank.errors import BankCorruptedError, BankLockedError, InputError
+from msabank.cli._render import emit_json, err_console, out_console, report_line, to_jsonable
+from msabank.errors import BankCorruptedError, BankLockedError, BankNotFoundError, InputError
 from msabank.serve.client import connect, server_option
 
 MAX_ID_BYTES = 500  # LMDB's key limit, enforced by the bank at commit time
@@ -34,6 +34,7 @@ def _open(bank: Path, model: Optional[str], device: Optional[str], readonly: boo
     client = connect(server, bank)
     if client is not None:
         return client
+    check_bank_path(bank)
     try:
         return Engine.open(bank, model, readonly=readonly, device=device)
     except BankLockedError as err:  # name the server when `msabank serve` holds the lock
@@ -46,6 +47,17 @@ def _is_local(eng: object) -> bool:
     from msabank.engine import Engine
 
     return isinstance(eng, Engine)
+
+
+def check_bank_path(bank: Path) -> None:
+    """A path that is not a bank: say so, and suggest `init` only where `init` would work."""
+    if (bank / "engine.json").exists() or (bank / "index" / "data.mdb").exists():
+        return
+    if bank.is_dir() and any(bank.iterdir()):
+        raise BankNotFoundError(f"{bank}: not an msabank bank (a folder with other files in it)",
+                                hint="check the path; `msabank init` needs a new or empty folder")
+    if bank.exists() and not bank.is_dir():
+        raise BankNotFoundError(f"{bank}: not an msabank bank (a file)", hint="check the path")
 
 
 def init(bank: Path = BankArg, model: Optional[str] = typer.Option(None, "--model", "-m",
@@ -344,13 +356,22 @@ def _repair(eng, rep, corpus: Path, total: int, *, id_field: str, text_field: st
 
 def compact(bank: Path = BankArg, model: Optional[str] = ModelOpt, json_out: bool = JsonOpt) -> None:
     """Reclaim the rows of superseded and deleted versions (crash-safe)."""
+    from msabank.storage.tensors import dir_bytes
+
     with _open(bank, model, "cpu") as eng:
+        index_before = dir_bytes(bank / "index")
         rep = eng.compact()
+        index_after = dir_bytes(bank / "index")
     if json_out:
-        emit_json(rep)
-    else:
-        out_console.print(f"rows {rep.rows_before} -> {rep.rows_after}, tensor bytes {rep.bytes_before / 1e6:.2f} MB "
-                          f"-> {rep.bytes_after / 1e6:.2f} MB (bank version {rep.version})")
+        emit_json({**to_jsonable(rep), "index_bytes_before": index_before, "index_bytes_after": index_after})
+        return
+    out_console.print(f"rows {rep.rows_before} -> {rep.rows_after}, tensor bytes {rep.bytes_before / 1e6:.2f} MB "
+                      f"-> {rep.bytes_after / 1e6:.2f} MB (bank version {rep.version})")
+    if index_after > index_before:
+        # The records of moved rows are rewritten; LMDB keeps the old pages for later writes, never shrinks.
+        out_console.print(f"index {index_before / 1e6:.2f} MB -> {index_after / 1e6:.2f} MB: the records of moved "
+                          "documents were rewritten, and LMDB keeps the freed pages in its file for later writes "
+                          "(it does not shrink the file)")
 
 
 def register(app: typer.Typer) -> None:

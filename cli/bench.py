@@ -38,7 +38,7 @@ def bench(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="lifecycle: checkpoint (default: embedded)."),
     docs: int = typer.Option(2000, "--docs", help="lifecycle: synthetic documents to ingest."),
 ) -> None:
-    """Benchmark routing (latency per question vs bank size, against measured floors) and content fetch."""
+    """Benchmark routing and content fetch (vs bank size, against measured floors), storage, or the whole lifecycle."""
     from msabank.bench import parse_tokens, run
     from msabank.cli._render import err_console, out_console
 

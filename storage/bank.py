@@ -367,7 +367,7 @@ def _acquire_writer_lock(root: Path) -> int:
         raise BankLockedError(
             f"bank {root} is locked by pid {pid}",
             hint="another msabank process is writing; wait for it (reading commands such as ask, ls and verify "
-            "work meanwhile; in Python, Bank.open(path, readonly=True))",
+            "work meanwhile; in Python, msabank.open_bank(path, readonly=True))",
         ) from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, str(os.getpid()).encode(), 0)

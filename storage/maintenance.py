@@ -114,6 +114,9 @@ def compact(bank: Bank) -> CompactReport:
                 assert d is not None
                 live = d["state"] == "live" and d["version"] == ver
                 vr2 = replace(vr, row_start=new_start[number] if live else None)
+                if vr2.row_start == vr.row_start:
+                    continue  # rows before the first garbage row keep their place: no rewrite (LMDB grows
+                    # by every record a transaction rewrites, text included, and never shrinks its file)
                 puts.append(("versions", bytes(k), enc(vr2.to_dict())))
                 if live:
                     puts.append(("docs", k_num(number), enc(dict(d, row_start=new_start[number]))))
