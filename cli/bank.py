@@ -14,7 +14,7 @@ import typer
 
 from msabank.cli._render import emit_json, err_console, out_console, report_line, to_jsonable
 from msabank.errors import BankCorruptedError, BankLockedError, BankNotFoundError, InputError
-from msabank.serve.client import connect, server_option
+from msabank.serve.client import connect, server_option, server_url
 
 MAX_ID_BYTES = 500  # LMDB's key limit, enforced by the bank at commit time
 BankArg = typer.Argument(..., help="Path of the bank directory.")
@@ -77,12 +77,20 @@ def init(bank: Path = BankArg, model: Optional[str] = typer.Option(None, "--mode
                               f"{g.head_dim} KV, chunk {g.chunk_size}, {g.dtype})", markup=False)
 
 
+SYNC_DELETE_SHARE = 0.10
+"""A sync that would delete more than this share of the bank's documents needs --yes."""
+
+
 def ingest(bank: Path = BankArg,
            corpus: Path = typer.Argument(..., help="JSONL, Parquet or CSV file, or a folder of .txt/.md files."),
            id_field: str = typer.Option("id", "--id-field", help="Field holding the document id."),
            text_field: str = typer.Option("text", "--text-field", help="Field holding the document text."),
            fmt: Optional[str] = typer.Option(None, "--format", help="jsonl, parquet, csv or folder (default: by suffix)."),
            sync: bool = typer.Option(False, "--sync", help="Also delete bank documents absent from the corpus."),
+           dry_run: bool = typer.Option(False, "--dry-run", help="Print what would be added, updated and deleted; "
+                                                                  "change nothing."),
+           yes: bool = typer.Option(False, "--yes", help=f"Let --sync delete more than "
+                                                          f"{SYNC_DELETE_SHARE:.0%} of the bank's documents."),
            batch_size: int = typer.Option(32, "--batch-size", min=1, help="Documents per committed batch."),
            model: Optional[str] = ModelOpt, device: Optional[str] = DeviceOpt, json_out: bool = JsonOpt,
            server: Optional[str] = ServerOpt) -> None:
@@ -90,17 +98,53 @@ def ingest(bank: Path = BankArg,
     from msabank.storage.readers import read_corpus
 
     # A full validating pass first (streaming, ~1 GB/s): a malformed corpus changes nothing in the bank.
-    total = validate_corpus(corpus, id_field=id_field, text_field=text_field, fmt=fmt)
+    source: set[str] = set()
+    total = validate_corpus(corpus, id_field=id_field, text_field=text_field, fmt=fmt, ids=source)
     batches = read_corpus(corpus, id_field=id_field, text_field=text_field, fmt=fmt, batch_size=batch_size)
+    if dry_run:
+        if server_url(server):
+            raise InputError("--dry-run plans against the bank's files; it does not go through --server",
+                             hint="run it on the machine that holds the bank, without --server / MSABANK_SERVER")
+        with _open(bank, model, "cpu", readonly=True) as eng:
+            _dry_run(eng.bank, batches, source if sync else None, json_out)
+        return
     t0 = time.perf_counter()
-    with _open(bank, model, device, server=server) as eng, _progress("ingest", total) as progress:
-        run = eng.sync if sync else eng.ingest
-        report = run(batches, batch_size=batch_size, progress=progress)
+    with _open(bank, model, device, server=server) as eng:
+        if sync:  # through the engine's own list/stats, so a --server sync is guarded the same way
+            absent = [r.user_id for r in eng.list() if r.user_id not in source]
+            live = eng.stats().documents
+            if len(absent) > SYNC_DELETE_SHARE * live and not yes:
+                raise InputError(
+                    f"--sync would delete {len(absent)} of the bank's {live} documents ({len(absent) / live:.0%}; "
+                    f"more than {SYNC_DELETE_SHARE:.0%} needs --yes), e.g. {', '.join(map(repr, absent[:3]))}",
+                    path=str(corpus),
+                    hint="check the corpus and --id-field; `--dry-run` lists what would change; add --yes to go ahead")
+        with _progress("ingest", total) as progress:
+            run = eng.sync if sync else eng.ingest
+            report = run(batches, batch_size=batch_size, progress=progress)
     seconds = time.perf_counter() - t0
     if json_out:
         emit_json({"report": report, "seconds": seconds})
     else:
         out_console.print(f"{report_line(report)} in {seconds:.1f}s")
+
+
+def _dry_run(bank, batches: Iterator[list[tuple[str, str]]], source: Optional[set[str]], json_out: bool) -> None:  # noqa: ANN001
+    """`ingest --dry-run`: the bank's plan for each batch (nothing encoded, nothing written)."""
+    actions: dict[str, list[str]] = {"add": [], "update": [], "unchanged": []}
+    for batch in batches:
+        for p in bank.plan(batch):
+            actions[p.action].append(p.user_id)
+    delete = bank.absent_ids(source) if source is not None else []
+    if json_out:
+        emit_json({"dry_run": True, "add": actions["add"], "update": actions["update"],
+                   "unchanged": len(actions["unchanged"]), "delete": delete})
+        return
+    for verb, ids in (("add", actions["add"]), ("update", actions["update"]), ("delete", delete)):
+        for uid in ids:
+            out_console.print(f"{verb} {uid}", markup=False)
+    out_console.print(f"dry run: would add {len(actions['add'])}, update {len(actions['update'])}, leave "
+                      f"{len(actions['unchanged'])} unchanged, delete {len(delete)}; nothing was changed")
 
 
 PROGRESS_INTERVAL_ENV = "MSABANK_PROGRESS_SECONDS"
@@ -151,13 +195,15 @@ def _progress_lines(label: str, total: int) -> Callable[[int, int], None]:
     return progress
 
 
-def validate_corpus(corpus: Path, *, id_field: str, text_field: str, fmt: Optional[str]) -> int:
-    """Read the whole corpus once; InputError (file and line) on the first bad record or repeated id."""
+def validate_corpus(corpus: Path, *, id_field: str, text_field: str, fmt: Optional[str],
+                    ids: Optional[set[str]] = None) -> int:
+    """Read the whole corpus once; InputError (file and line) on the first bad record or repeated id.
+    Returns the number of documents; their ids are added to `ids` if given."""
     from msabank.storage.readers import read_corpus
 
     if not corpus.exists():
         raise InputError("no such file or folder", path=str(corpus))
-    seen: set[str] = set()
+    seen: set[str] = set() if ids is None else ids
     n = 0
     for batch in read_corpus(corpus, id_field=id_field, text_field=text_field, fmt=fmt):
         for doc_id, _ in batch:
