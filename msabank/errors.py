@@ -95,6 +95,10 @@ class BankReadOnlyError(BankError):
     """A write on a bank opened read-only."""
 
 
+class BankClosedError(BankError):
+    """A bank handle used after `close()` (or after the bank was opened for writing again in this process)."""
+
+
 class KernelUnavailableError(MsabankError, RuntimeError):
     """An explicitly requested kernel implementation cannot run here."""
 

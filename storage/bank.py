@@ -19,7 +19,10 @@ import builtins
 import errno
 import fcntl
 import os
+import threading
 import time
+import warnings
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -29,6 +32,7 @@ import lmdb
 import torch
 
 from msabank.errors import (
+    BankClosedError,
     BankCorruptedError,
     BankExistsError,
     BankFormatError,
@@ -93,6 +97,7 @@ class Bank:
         self._routing_chunk_rows: int = manifest["routing_chunk_rows"]
         self._manifest = manifest
         self._closed = False
+        self._closed_why = "it was closed"
 
     # ------------------------------------------------------------------ lifecycle
     @classmethod
@@ -179,6 +184,8 @@ class Bank:
             raise BankNotFoundError(f"no bank at {root}", hint="create one with `msabank init`")
         if not (root / "index" / "data.mdb").exists():
             raise BankFormatError(f"{root} is not an msabank bank (no index/data.mdb)", hint="check the path")
+        if not readonly:
+            _close_earlier_writer(root)
         lock_fd = None if readonly else _acquire_writer_lock(root)
         try:
             idx = open_index(root / "index", map_size=map_size)
@@ -221,10 +228,18 @@ class Bank:
                 os.close(lock_fd)
             raise
         if not readonly:
-            maintenance.reclaim(bank)
+            try:
+                maintenance.reclaim(bank)
+            except BaseException:
+                bank.close()
+                raise
+            with _writers_lock:
+                _writers[_writer_key(root)] = weakref.ref(bank)
         return bank
 
     def close(self) -> None:
+        """Release the LMDB environment and (for a writer) the writer lock. Idempotent; a later read or
+        write raises BankClosedError. A handle that is dropped unclosed is closed when it is collected."""
         if self._closed:
             return
         self._closed = True
@@ -232,6 +247,23 @@ class Bank:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+            with _writers_lock:
+                key = _writer_key(self.path)
+                ref = _writers.get(key)
+                if ref is not None and ref() in (self, None):
+                    del _writers[key]
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True):
+            try:
+                self.close()
+            except Exception:  # pragma: no cover - interpreter shutdown
+                pass
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise BankClosedError(f"bank {self.path} is closed: {self._closed_why}",
+                                  hint="open it again, e.g. `msabank.open_bank(path)`")
 
     def __enter__(self) -> Bank:
         return self
@@ -245,6 +277,7 @@ class Bank:
     # ------------------------------------------------------------------ reads (one snapshot per call)
     def snapshot(self) -> Snapshot:
         """Pin the current committed version for a whole query (close it, or use `with`)."""
+        self._check_open()
         return Snapshot(self)
 
     @property
@@ -320,8 +353,7 @@ class Bank:
 
     # ------------------------------------------------------------------ writes
     def _check_writable(self) -> None:
-        if self._closed:
-            raise BankReadOnlyError(f"bank {self.path} is closed")
+        self._check_open()
         if self.readonly:
             raise BankReadOnlyError(f"bank {self.path} is open read-only", hint="open it with readonly=False to write")
 
@@ -350,6 +382,29 @@ class Bank:
     def verify(self) -> VerifyReport:
         """Check every live document's bytes against its checksums, plus row spans and counters."""
         return maintenance.verify(self)
+
+
+# The open writer handle of each bank in this process (weakly held: a dropped handle is not kept alive).
+_writers: dict[str, weakref.ref[Bank]] = {}
+_writers_lock = threading.Lock()
+
+
+def _writer_key(root: Path) -> str:
+    return str(root.resolve())
+
+
+def _close_earlier_writer(root: Path) -> None:
+    """Opening a bank for writing again in the same process (a notebook cell run twice) closes the earlier
+    handle instead of refusing with "locked by pid <our own pid>"; using that handle then raises
+    BankClosedError saying why."""
+    with _writers_lock:
+        ref = _writers.pop(_writer_key(root), None)
+    old = ref() if ref is not None else None
+    if old is not None and not old._closed:
+        warnings.warn(f"bank {root} was already open for writing in this process; closing the earlier handle",
+                      stacklevel=4)
+        old.close()
+        old._closed_why = "it was opened for writing again in this process, which closed this handle"
 
 
 def _acquire_writer_lock(root: Path) -> int:
