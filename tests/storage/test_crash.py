@@ -67,7 +67,10 @@ def _run(tmp_path: Path, kills: int, seed: int) -> dict[str, int]:
                 time.sleep(0.002)
             time.sleep(rng.uniform(0.0, 0.5))  # a random instant inside the op sequence
             if p.is_alive():
-                os.kill(p.pid, signal.SIGKILL)
+                try:
+                    os.kill(p.pid, signal.SIGKILL)
+                except ProcessLookupError:  # it finished its ops between is_alive() and the kill
+                    pass
         p.join(timeout=60)
         assert not p.is_alive(), f"crash worker of cycle {cycle} hung"
         lines = journal.read_text().splitlines() if journal.exists() else []
