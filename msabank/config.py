@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 from msabank.errors import ConfigError
+from msabank.prompt import ROUTING_SPANS
 
 RoutingRule = Literal["dot", "cosine"]
 
@@ -54,6 +55,13 @@ def parse_router_layers(value: Any, num_layers: int) -> tuple[int, ...]:
     return tuple(sorted(layers))
 
 
+def _routing_span(msa: Mapping[str, Any], where: str) -> str:
+    span = msa.get("routing_span", "official")
+    if span not in ROUTING_SPANS:
+        raise ConfigError(f"{where}: field 'routing_span' must be one of {', '.join(ROUTING_SPANS)}, got {span!r}")
+    return str(span)
+
+
 @dataclass(frozen=True, slots=True)
 class ModelConfig:
     """Everything msabank needs from config.json, resolved once."""
@@ -90,6 +98,10 @@ class ModelConfig:
     """"cosine" iff aux_loss_method == "INFONCE" exactly (official inference), else "dot" (spec §4.1)."""
     routing_scale: float
     """Scale on routing queries: head_dim**-0.5 for "dot", 1.0 for "cosine"."""
+    routing_span: str = "official"
+    """Which question tokens route (msa_config "routing_span", a msabank extension; absent = "official"):
+    "official" = the whole question block (spec §2.2), "question" = the question's own tokens only, for
+    models trained that way (msabank.prompt.question_prompt; docs/eval.md)."""
     torch_dtype: str = "bfloat16"
     """The checkpoint's own dtype (informational; load_model picks the compute dtype)."""
     eos_token_id: tuple[int, ...] = ()
@@ -121,6 +133,7 @@ class ModelConfig:
         d["eos_token_id"] = list(self.eos_token_id)
         d["msa_config"] = self.msa_config
         d.pop("msa_config_json")
+        d.pop("routing_span")  # already in msa_config when set; keeps existing fingerprints unchanged
         return d
 
     def to_json_dict(self) -> dict[str, Any]:
@@ -234,6 +247,7 @@ class ModelConfig:
             chunk_size=chunk_size,
             top_k=top_k,
             routing_rule=rule,
+            routing_span=_routing_span(msa, where),
             routing_scale=1.0 if rule == "cosine" else float(head_dim) ** -0.5,
             torch_dtype=str(raw.get("torch_dtype") or "bfloat16"),
             eos_token_id=eos_ids,

@@ -447,7 +447,7 @@ class Engine:
         q = _check_question(question)
         with self.bank.snapshot() as snap:
             mem = self.memory(snap)
-            pr = P.question_prompt(self.tokenizer, q)
+            pr = P.question_prompt(self.tokenizer, q, span=self.model.config.routing_span)
             gen = stages.generate(self.model, pr.ids, mem, routing_mask=pr.routing_mask, max_new_tokens=1,
                                   template=self._template)
             return interleave.hits(gen.routed[0], self.model.config.router_layers, SnapshotDocuments(snap))

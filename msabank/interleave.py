@@ -163,7 +163,8 @@ class Answer:
 class _Question:
     text: str
     transcript: list[int]
-    question_mask: list[bool]
+    question_mask: list[bool]  # round 1
+    later_mask: list[bool]  # rounds after the first: the block without its final newline (spec §6.4)
     latest: tuple[int, int] | None = None  # token span of the documents appended in the latest round
     rounds: list[Round] = field(default_factory=list)
     finish: str | None = None
@@ -172,10 +173,8 @@ class _Question:
     def routing_mask(self) -> list[bool]:
         """Routing tokens: the question block and the documents appended in the latest round (spec §6.4),
         taken from where the loop put them, never from searching the text."""
-        mask = self.question_mask + [False] * (len(self.transcript) - len(self.question_mask))
-        if self.latest is not None:
-            mask[self.latest[0] : self.latest[1]] = [True] * (self.latest[1] - self.latest[0])
-        return mask
+        return P.round_routing_mask(self.later_mask if self.rounds else self.question_mask, len(self.transcript),
+                                    self.latest)
 
 
 @dataclass
@@ -232,8 +231,8 @@ def run(
     template = template if template is not None else stages.template_prefix(model)
     qs = []
     for text in questions:
-        first = P.question_prompt(tok, text)
-        qs.append(_Question(text, list(first.ids), list(first.routing_mask)))
+        first = P.question_prompt(tok, text, span=model.config.routing_span)
+        qs.append(_Question(text, list(first.ids), list(first.routing_mask), P.later_round_question_mask(tok, first)))
     if len(documents) == 0:
         for q in qs:
             q.finish = "empty_bank"

@@ -35,6 +35,12 @@ END_OF_RETRIEVE = "<End-of-Retrieve>"
 ANSWER_PREFIX = "The answer to the question is:"
 RESTATEMENT = IM_START + "The user's question is: {question}\n" + OBJECT_REF_END
 
+# Which tokens of the question block route (ModelConfig.routing_span): "official" = the whole block, as the
+# official engine does; "question" = the question's own tokens only, for a model trained that way. The
+# block's ~20 fixed tokens have one hidden state for every question at the first router layer, and with
+# max over routing tokens they can win every score (docs/eval.md: the routing plateau).
+ROUTING_SPANS = ("official", "question")
+
 
 class Tokenizer:
     """A tokenizer.json wrapper with the two encodings MSA needs and the protocol's special ids."""
@@ -127,16 +133,50 @@ def document_ids(tok: Tokenizer, number: int, text: str) -> list[int]:
     return [tok.im_start_id, *tok.encode(f"[{number}]. {text}[{number}]"), tok.im_end_id]
 
 
-def question_prompt(tok: Tokenizer, question: str) -> Prompt:
+def question_prompt(tok: Tokenizer, question: str, *, span: str = "official") -> Prompt:
     """Round-1 prompt: question block (routes) + template tail + response head (spec §2.2).
 
     The block is tokenized as one string so BPE merges across the question/boilerplate seams match the
-    official tokenization (e.g. "?\\n" is one Qwen token).
+    official tokenization (e.g. "?\\n" is one Qwen token). `span` "question": only the tokens that carry
+    the question's characters route (ROUTING_SPANS).
     """
     parts = template_parts(tok)
     block = tok.encode(QUESTION_HEAD + question + QUESTION_TAIL)
     rest = parts.tail + parts.response_head
-    return Prompt(ids=block + rest, routing_mask=[True] * len(block) + [False] * len(rest))
+    if span == "official":
+        mask = [True] * len(block)
+    elif span == "question":
+        lo, hi = len(QUESTION_HEAD), len(QUESTION_HEAD) + len(question)
+        mask, at = [], 0
+        for piece in tok.token_texts(block):
+            mask.append(at < hi and at + len(piece) > lo)
+            at += len(piece)
+    else:
+        raise ValueError(f"span must be one of {ROUTING_SPANS}, got {span!r}")
+    return Prompt(ids=block + rest, routing_mask=mask + [False] * len(rest))
+
+
+def later_round_question_mask(tok: Tokenizer, first: Prompt) -> list[bool]:
+    """The question block's routing tokens in rounds after the first (region 2 of spec §6.4): every round-1
+    routing token up to and including `ROUTING_END_MARKER`, i.e. the block without its final newline (the
+    official engine re-derives this from the text of the re-submitted transcript)."""
+    pieces = tok.token_texts(first.ids)
+    end = "".join(pieces).find(ROUTING_END_MARKER)
+    if end < 0:
+        return list(first.routing_mask)
+    last = _char_to_token(pieces)[end + len(ROUTING_END_MARKER) - 1]
+    return [m and i <= last for i, m in enumerate(first.routing_mask)]
+
+
+def round_routing_mask(question_mask: Sequence[bool], length: int, latest: tuple[int, int] | None) -> list[bool]:
+    """Routing tokens of a round's prompt of `length` tokens: the question block's (`question_mask`: round 1
+    its own, later rounds `later_round_question_mask`) and the documents appended in the latest round
+    (`latest`: their token span, without the closing `<|object_ref_end|>`; region 1 of §6.4). The interleave
+    loop and the trainer both build masks here."""
+    mask = list(question_mask) + [False] * (length - len(question_mask))
+    if latest is not None:
+        mask[latest[0] : latest[1]] = [True] * (latest[1] - latest[0])
+    return mask
 
 
 def _char_to_token(pieces: Sequence[str]) -> list[int]:

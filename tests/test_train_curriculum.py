@@ -3,6 +3,7 @@ document numbers (msabank.train.data / msabank.train.loop; docs/eval.md says why
 
 from __future__ import annotations
 
+import json
 import math
 import random
 
@@ -22,15 +23,19 @@ def _routed(tok: P.Tokenizer, ids: list[int], mask: list[bool]) -> str:
 
 
 def test_question_span_routes_on_the_question_text_only():
-    from msabank.train.data import question_token_mask
-
     tok = _tok()
     for q in ("Who employs Beatrix Draorwyntel?", "What is the special magic number for ember-cobalt-zedkalo?"):
         pr = P.question_prompt(tok, q)
-        mask = question_token_mask(tok, pr, q)
-        assert _routed(tok, pr.ids, mask) == q
-        assert all(o for o, m in zip(pr.routing_mask, mask) if m)  # a subset of the official routing tokens
-        assert sum(mask) < sum(pr.routing_mask)
+        qs = P.question_prompt(tok, q, span="question")
+        assert qs.ids == pr.ids
+        assert _routed(tok, qs.ids, qs.routing_mask) == q
+        assert all(o for o, m in zip(pr.routing_mask, qs.routing_mask) if m)  # a subset of the official ones
+        assert sum(qs.routing_mask) < sum(pr.routing_mask)
+        # later rounds: the official block loses its final newline (spec §6.4); the question span is unchanged
+        assert _routed(tok, pr.ids, P.later_round_question_mask(tok, pr)).endswith(P.ROUTING_END_MARKER)
+        assert P.later_round_question_mask(tok, qs) == qs.routing_mask
+    with pytest.raises(ValueError, match="span"):
+        P.question_prompt(tok, "Who?", span="answer")
 
 
 def test_question_span_changes_only_the_routing_of_each_interleave_step():
@@ -119,3 +124,78 @@ def test_training_run_switches_phase_and_span_and_saves(tmp_path):
     assert rows[0]["lr"] == pytest.approx(tc.lr_warmup / 2) and rows[3]["lr"] < tc.lr
     loaded = load_model(tmp_path / "ckpt", device=torch.device("cpu"), dtype=torch.float32)
     assert loaded.config.router_layers == (1, 2)
+
+
+class _Docs:
+    """Two documents, numbered 5 and 9 (the interleave loop's `Documents`)."""
+
+    texts_ = {5: ("doc-5", "Ann Bee comes from Eton."), 9: ("doc-9", "The mayor of Eton is Cy Dee.")}
+
+    def __len__(self) -> int:
+        return len(self.texts_)
+
+    def user_ids(self, numbers):
+        return {n: self.texts_[n][0] for n in numbers if n in self.texts_}
+
+    def texts(self, numbers):
+        return {n: self.texts_[n] for n in numbers if n in self.texts_}
+
+
+@pytest.mark.parametrize("span", ["official", "question"])
+def test_interleave_routes_on_the_trainers_masks(monkeypatch, span):
+    """Round by round, the loop `Engine.ask` runs routes on exactly the tokens the trainer routes on for
+    the same transcript (one code path, issue 10), under the model's routing span."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from msabank import interleave, stages
+    from msabank.config import ModelConfig
+    from msabank.train.data import question_sequences
+    from msabank.types import Routed
+
+    tok = _tok()
+    raw = json.loads((default_model_path() / "config.json").read_text())
+    raw["msa_config"]["routing_span"] = span
+    cfg = ModelConfig.from_dict(raw)
+    assert cfg.routing_span == span
+    model = SimpleNamespace(tokenizer=tok, config=cfg, stop_ids=[tok.im_end_id])
+    script = [tok.encode("[5]") + [tok.object_ref_end_id], tok.encode("[9]") + [tok.object_ref_end_id],
+              tok.encode(P.END_OF_RETRIEVE), tok.encode(f"{P.ANSWER_PREFIX} Cy Dee") + [tok.im_end_id]]
+    seen: list[P.Prompt] = []
+
+    def fake_generate(model, prompts, memory, **kw):
+        seen.append(prompts[0])
+        out = script[len(seen) - 1]
+        none = Routed(torch.zeros(0, dtype=torch.long), torch.zeros(0))
+        return SimpleNamespace(tokens=[out], finish_reasons=["stop"], routed=[[none] * len(cfg.router_layers)])
+
+    monkeypatch.setattr(stages, "generate", fake_generate)
+    q = "Who is the mayor of the town where Ann Bee comes from?"
+    (answer,) = interleave.run(model, None, _Docs(), [q], template=(torch.zeros(0), torch.zeros(0)))
+    assert answer.answer == "Cy Dee"
+    trained = question_sequences(tok, _question(q), [5, 9],
+                                 [_Docs.texts_[5][1], _Docs.texts_[9][1]], [0, 1], span=span)
+    for served, sample in zip(seen[:3], trained):  # rounds 1, 2 and the last retrieval round
+        n = len(served.ids)
+        assert served.ids == sample.ids[:n]
+        assert served.routing_mask == sample.routing[:n]
+
+
+def _question(text: str):
+    return Question(text, "Cy Dee", (0, 1), 2, "twohop:birthplace.mayor")
+
+
+def test_routing_span_is_a_checked_model_option():
+    from msabank.config import ModelConfig
+    from msabank.errors import ConfigError
+
+    raw = json.loads((default_model_path() / "config.json").read_text())
+    official = ModelConfig.from_dict(raw)
+    raw["msa_config"]["routing_span"] = "question"
+    question = ModelConfig.from_dict(raw)
+    assert (official.routing_span, question.routing_span) == ("official", "question")
+    assert official.fingerprint_dict() != question.fingerprint_dict()  # a bank is bound to the span
+    raw["msa_config"]["routing_span"] = "everything"
+    with pytest.raises(ConfigError, match="routing_span"):
+        ModelConfig.from_dict(raw)

@@ -57,48 +57,30 @@ def _with_targets(prefix: P.Prompt, pieces: Sequence[tuple[list[int], bool]], po
     return Seq(ids, routing, labels, positive, stage)
 
 
-SPANS = ("official", "question")
-
-
-def question_token_mask(tok: P.Tokenizer, prompt: P.Prompt, question: str) -> list[bool]:
-    """True for the tokens of `prompt` (a round-1 question prompt) that carry the question's own characters."""
-    pieces = tok.token_texts(prompt.ids)
-    lo = len(P.QUESTION_HEAD)
-    hi = lo + len(question)
-    mask, at = [], 0
-    for piece, routes in zip(pieces, prompt.routing_mask):
-        mask.append(routes and at < hi and at + len(piece) > lo)
-        at += len(piece)
-    return mask
-
-
-def _restrict(later: P.Prompt, block_len: int, question_mask: list[bool]) -> P.Prompt:
-    """A later round's official routing mask with its question-block region (region 2) cut to the question."""
-    mask = list(later.routing_mask)
-    mask[:block_len] = [m and qm for m, qm in zip(mask[:block_len], question_mask[:block_len])]
-    return P.Prompt(later.ids, mask)
+SPANS = P.ROUTING_SPANS
 
 
 def question_sequences(tok: P.Tokenizer, q: Question, numbers: Sequence[int], texts: Sequence[str],
                        mem_index: Sequence[int], *, span: str = "official") -> list[Seq]:
     """The interleave steps of one question. numbers/texts/mem_index: per gold document, in hop order.
 
-    Later rounds use `P.regenerate_prompt`, the official layout (§6.4) that the engine serves."""
+    Routing masks come from the functions msabank.interleave serves with (`P.question_prompt`,
+    `P.later_round_question_mask`, `P.round_routing_mask`), so trainer and engine route on the same tokens."""
     if span not in SPANS:
         raise ValueError(f"span must be one of {SPANS}, got {span!r}")
     ore = [tok.object_ref_end_id]
-    first = P.question_prompt(tok, q.question)
-    qmask = question_token_mask(tok, first, q.question)
+    first = P.question_prompt(tok, q.question, span=span)
+    later = P.later_round_question_mask(tok, first)
     transcript = list(first.ids)
     out: list[Seq] = []
-    current = first if span == "official" else P.Prompt(first.ids, qmask)
+    current = first
     for hop in range(len(numbers)):
         target = tok.encode(f"[{numbers[hop]}]") + ore
         out.append(_with_targets(current, [(target, True)], mem_index[hop], min(hop, 1)))
-        transcript += target + P.injection_ids(tok, [(numbers[hop], texts[hop])])
-        current = P.regenerate_prompt(tok, transcript)
-        if span == "question":
-            current = _restrict(current, len(qmask), qmask)
+        transcript += target
+        start = len(transcript)
+        transcript += P.injection_ids(tok, [(numbers[hop], texts[hop])])
+        current = P.Prompt(list(transcript), P.round_routing_mask(later, len(transcript), (start, len(transcript) - 1)))
     end = tok.encode(P.END_OF_RETRIEVE)
     answer = tok.encode(f"{P.ANSWER_PREFIX} {q.answer}") + [tok.im_end_id]
     out.append(_with_targets(current, [(end, True), (P.restatement_ids(tok, q.question), False), (answer, True)],
