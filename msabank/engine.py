@@ -271,7 +271,7 @@ class Engine:
         todo = [p for p in planned if p.action != "unchanged"]
         if not todo:
             return []
-        mems = stages.encode_documents(self.model, [(p.number, p.text) for p in todo])
+        mems = stages.encode_documents(self.model, [(p.number, p.text) for p in todo], names=[p.user_id for p in todo])
         dt = self.storage_dtype
         return [
             DocumentWrite(user_id=p.user_id, number=p.number, text=p.text, content_hash=p.content_hash,

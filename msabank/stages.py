@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from msabank.config import ModelConfig
+from msabank.errors import InputError
 from msabank.model import MSAModel, attention, chunk_mean_pool
 from msabank.prompt import Prompt, Tokenizer, document_ids, template_parts
 from msabank.types import EncodedMemory, MemoryView, Routed
@@ -113,30 +114,73 @@ def _pool_doc(
     return EncodedMemory(n_tokens=n, routing_keys=rk_, content_k=k_, content_v=v_)
 
 
+MAX_TOKENS_PER_BATCH = 16_384
+"""Padded tokens per stage-1 forward: bounds activations, (B, T, hidden) and the K/V of every layer."""
+MAX_MASK_CELLS = 1 << 25
+"""B·T·T per stage-1 forward: bounds the attention mask and scores, which grow with the square of the
+padded length (32 Mi cells: 32 MB of mask, 128 MB of fp32 scores per head; one 4,096-token document is 16 Mi)."""
+
+
+def max_document_tokens(model: MSAModel) -> int:
+    """The longest composed document the model encodes: its positions run 0..n-1 (spec §3.1), so n is at
+    most the checkpoint's `max_position_embeddings`."""
+    return int(model.config.max_position_embeddings)
+
+
+def document_token_ids(model: MSAModel, docs: Sequence[tuple[int, str]], names: Sequence[str] | None = None
+                       ) -> list[list[int]]:
+    """Token ids of each composed document `<|im_start|>[n]. text[n]<|im_end|>`; InputError naming the
+    first document longer than `max_document_tokens` (its id, its length, the limit), before any encoding."""
+    tok = _tokenizer(model)
+    limit = max_document_tokens(model)
+    seqs = [document_ids(tok, n, text) for n, text in docs]
+    for i, ids in enumerate(seqs):
+        if len(ids) > limit:
+            name = repr(names[i]) if names is not None else f"[{docs[i][0]}]"
+            raise InputError(f"document {name} is {len(ids):,} tokens; the model reads documents of at most "
+                             f"{limit:,} tokens (max_position_embeddings)",
+                             hint=f"split it into documents of at most {limit:,} tokens and ingest those")
+    return seqs
+
+
+def _stage1_groups(lengths: Sequence[int], max_tokens: int, max_cells: int) -> list[list[int]]:
+    """Documents (indices) per stage-1 forward: length-sorted, each group within `max_tokens` padded tokens
+    and `max_cells` mask cells (a document alone always forms a group)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    groups: list[list[int]] = []
+    start = 0
+    while start < len(order):
+        end = start + 1  # sorted ascending, so the last member sets the padded length
+        while end < len(order):
+            b, t = end + 1 - start, lengths[order[end]]
+            if b * t > max_tokens or b * t * t > max_cells:
+                break
+            end += 1
+        groups.append(order[start:end])
+        start = end
+    return groups
+
+
 def encode_documents(
     model: MSAModel,
     docs: Sequence[tuple[int, str]],
     *,
-    max_tokens_per_batch: int = 16384,
+    names: Sequence[str] | None = None,
+    max_tokens_per_batch: int = MAX_TOKENS_PER_BATCH,
     trace: Trace | None = None,
 ) -> list[EncodedMemory]:
     """Stage 1 for (number, text) documents, returned in input order.
 
     Each document `<|im_start|>[n]. text[n]<|im_end|>` is run alone at positions 0.. (spec §3.1);
     several are batched per forward (right-padded, length-sorted, at most `max_tokens_per_batch` padded
-    tokens) with a causal mask that hides the padding, which does not change any document's result.
-    Tensors are (R, C, Hkv, D) on CPU in the model dtype.
+    tokens and MAX_MASK_CELLS mask cells) with a causal mask that hides the padding, which does not change
+    any document's result. A document longer than `max_document_tokens(model)` is an InputError before
+    anything is encoded (`names`: the user ids it names). Tensors are (R, C, Hkv, D) on CPU in the model dtype.
     """
     tok = _tokenizer(model)
-    seqs = [document_ids(tok, n, text) for n, text in docs]
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    seqs = document_token_ids(model, docs, names)
     results: list[EncodedMemory | None] = [None] * len(seqs)
-    start = 0
-    while start < len(order):
-        end = start + 1  # sorted ascending, so the last member sets the padded length
-        while end < len(order) and (end + 1 - start) * len(seqs[order[end]]) <= max_tokens_per_batch:
-            end += 1
-        group = order[start:end]
+    for group in _stage1_groups([len(s) for s in seqs], max_tokens_per_batch, MAX_MASK_CELLS):
         lengths = [len(seqs[i]) for i in group]
         ids = torch.full((len(group), max(lengths)), tok.pad_id, dtype=torch.long)
         for row, i in enumerate(group):
@@ -154,7 +198,6 @@ def encode_documents(
             kv = _forward_capture(model, ids.to(model.device), lengths, tr)
             for row, i in enumerate(group):
                 results[i] = _pool_doc(model.config, kv, row, lengths[row])
-        start = end
     return [r for r in results if r is not None]
 
 
