@@ -18,9 +18,11 @@ import torch
 
 from msabank.errors import ConfigError, KernelUnavailableError
 
-from .reference import normalize_per_head, routing_topk_ref
+from .reference import (doc_scores_dense_ref, normalize_heads, normalize_per_head, routing_query_ref,
+                        routing_topk_ref)
 
-__all__ = ["routing_topk", "routing_topk_ref", "gather_spans", "normalize_per_head", "resolve_impl", "triton_available"]
+__all__ = ["routing_topk", "routing_topk_ref", "routing_query_ref", "doc_scores_dense_ref", "gather_spans",
+           "normalize_heads", "normalize_per_head", "resolve_impl", "triton_available"]
 
 log = logging.getLogger(__name__)
 

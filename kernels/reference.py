@@ -5,7 +5,8 @@ Routing (MSA_SPEC.md §4.2, DESIGN.md §6): per router layer the group-summed ro
 is scored against every pooled routing key K̃ (rows, Hkv·D) by a dot product; a row's score is the max
 over the T query tokens, a document's score the max over its rows, and the top-k documents are taken by
 score, ties broken by the lower document index. Cosine routing is the same dot product on keys and
-queries normalised per head beforehand (`normalize_per_head`).
+queries normalised per head beforehand (`normalize_heads`). `routing_query_ref` builds Q̃ from the router
+projection; `doc_scores_dense_ref` is the same score for many sequences at once (training).
 
 Not here: batching several questions into one call (loop over questions), ANN search.
 """
@@ -19,12 +20,50 @@ import torch
 ROW_TILE = 16_384
 
 
+def normalize_heads(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """L2-normalise x (..., D) over its last dim, one head's D, in fp32; returns fp32 (cosine routing:
+    routing queries and pooled routing keys, MSA_SPEC §3.2, §4.2). Differentiable (the trainer uses it)."""
+    xf = x.float()
+    return xf / xf.norm(dim=-1, keepdim=True).clamp_min(eps)
+
+
 def normalize_per_head(x: torch.Tensor, num_heads: int, eps: float = 1e-12) -> torch.Tensor:
-    """L2-normalise each head of x (..., num_heads·D) in fp32; returns x's dtype (cosine routing)."""
+    """`normalize_heads` on x (..., num_heads·D) with the heads side by side; returns x's dtype."""
     shape = x.shape
-    xf = x.float().reshape(*shape[:-1], num_heads, shape[-1] // num_heads)
-    xf = xf / xf.norm(dim=-1, keepdim=True).clamp_min(eps)
+    xf = normalize_heads(x.reshape(*shape[:-1], num_heads, shape[-1] // num_heads), eps)
     return xf.reshape(shape).to(x.dtype)
+
+
+def routing_query_ref(qr: torch.Tensor, num_kv_heads: int, scale: float, cosine: bool) -> torch.Tensor:
+    """The group-summed, scaled routing query Q̃ (MSA_SPEC §4.2, DESIGN.md §6) of every token.
+
+    qr: (B, H, T, D) router_q_proj output. Returns (B, T, Hkv·D) fp32:
+    Q̃_t = concat_g (scale/H) Σ_j Q^R[g·(H/Hkv) + j, t], each head L2-normalised first when `cosine`.
+    The head mean of the official scores is linear, so summing the H/Hkv query heads of a KV group first
+    turns H dot products per key head into one. fp32: routing margins are ~1e-3 (golden p64), below bf16.
+    """
+    q = normalize_heads(qr) if cosine else qr.float()
+    b, h, t, d = q.shape
+    g = q.view(b, num_kv_heads, h // num_kv_heads, t, d).sum(2) * (scale / h)  # (B, Hkv, T, D)
+    return g.permute(0, 2, 1, 3).reshape(b, t, num_kv_heads * d)
+
+
+def doc_scores_dense_ref(query: torch.Tensor, keys: torch.Tensor, routing: torch.Tensor, chunk_valid: torch.Tensor
+                         ) -> torch.Tensor:
+    """Document scores of S sequences against M documents at once (the training forward; differentiable).
+
+    query: (S, T, Hkv·D) from `routing_query_ref`; keys: (M, C, Hkv·D) pooled routing keys; routing:
+    (S, T) bool routing tokens; chunk_valid: (M, C) bool real chunks. Returns (S, M) fp32: max over routing
+    tokens, then over a document's chunks, of the dot product — `routing_topk_ref`'s score, dense: one
+    (S·T, Hkv·D) x (Hkv·D, M·C) GEMM instead of a tiled scan with dead rows.
+    """
+    s, t, dim = query.shape
+    m, c, _ = keys.shape
+    raw = (query.float().reshape(s * t, dim) @ keys.float().reshape(m * c, dim).T).view(s, t, m * c)
+    raw = raw.masked_fill(~routing[:, :, None], float("-inf"))
+    per_chunk = raw.max(dim=1).values.view(s, m, c)  # max over routing tokens
+    per_chunk = per_chunk.masked_fill(~chunk_valid[None], float("-inf"))
+    return per_chunk.max(dim=2).values  # max over a document's chunks
 
 
 def _score_tile(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:

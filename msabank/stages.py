@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from msabank.config import ModelConfig
 from msabank.errors import InputError
+from msabank.kernels.reference import doc_scores_ref, normalize_heads, routing_query_ref, routing_topk_ref, row_scores_ref
 from msabank.model import MSAModel, attention, chunk_mean_pool
 from msabank.prompt import Prompt, Tokenizer, document_ids, template_parts
 from msabank.types import EncodedMemory, MemoryView, Routed
@@ -39,11 +39,6 @@ def _tokenizer(model: MSAModel) -> Tokenizer:
 # ---------------------------------------------------------------------------------------------------
 # Stage 1
 # ---------------------------------------------------------------------------------------------------
-
-
-def _normalize_heads(x: torch.Tensor) -> torch.Tensor:
-    """Per-head L2 normalisation over D, in float32, cast back."""
-    return F.normalize(x.float(), dim=-1).to(x.dtype)
 
 
 def _forward_capture(
@@ -110,7 +105,7 @@ def _pool_doc(
             pooled[slot].append(chunk_mean_pool(x[b, :, :n].transpose(0, 1), cfg.chunk_size))  # (C, Hkv, D)
     rk_, k_, v_ = (torch.stack(p).cpu() for p in pooled)  # (R, C, Hkv, D)
     if cfg.routing_rule == "cosine":
-        rk_ = _normalize_heads(rk_)  # after pooling (spec §3.2)
+        rk_ = normalize_heads(rk_).to(rk_.dtype)  # per head, after pooling (spec §3.2)
     return EncodedMemory(n_tokens=n, routing_keys=rk_, content_k=k_, content_v=v_)
 
 
@@ -210,20 +205,16 @@ def routing_queries(qr: torch.Tensor, mask: torch.Tensor, cfg: ModelConfig) -> l
     """Group-summed, scaled routing queries (DESIGN.md §6, spec §4.2) of each sample's routing tokens.
 
     qr: (B, H, T, D) router_q_proj output; mask: bool (B, T). Returns per sample (T_b, Hkv*D) float32:
-    Q̃_t = concat_g (s/H) Σ_j Q^R[g·G + j, t], after per-head normalisation when the rule is cosine.
-    Computed in float32: routing margins are ~1e-3 (golden p64), below bf16 resolution.
+    Q̃_t = concat_g (s/H) Σ_j Q^R[g·G + j, t], after per-head normalisation when the rule is cosine
+    (`kernels.routing_query_ref`, float32).
     """
-    q = qr.float()
-    if cfg.routing_rule == "cosine":
-        q = F.normalize(q, dim=-1)
-    b, h, t, d = q.shape
-    g = q.view(b, cfg.num_kv_heads, cfg.group_size, t, d).sum(2) * (cfg.routing_scale / h)  # (B, Hkv, T, D)
-    g = g.permute(0, 2, 1, 3).reshape(b, t, cfg.num_kv_heads * d)
-    return [g[i][mask[i]] for i in range(b)]
+    g = routing_query_ref(qr, cfg.num_kv_heads, cfg.routing_scale, cfg.routing_rule == "cosine")  # (B, T, Hkv*D)
+    return [g[i][mask[i]] for i in range(qr.shape[0])]
 
 
 class InMemoryMemory:
-    """Reference `MemoryView` over encoded documents held in memory (plain PyTorch, CPU or GPU)."""
+    """Reference `MemoryView` over encoded documents held in memory (plain PyTorch, CPU or GPU): scores
+    and top-k by the kernels' routing reference (`kernels.reference`), over fp32 keys."""
 
     def __init__(
         self, encoded: Mapping[int, EncodedMemory], top_k: int, *, device: str | torch.device = "cpu"
@@ -238,6 +229,8 @@ class InMemoryMemory:
             rows = [e.routing_keys[r].reshape(e.num_chunks, -1) for e in self._docs.values()]
             self._keys.append(torch.cat(rows).float().to(self.device))
         counts = torch.tensor([e.num_chunks for e in self._docs.values()], dtype=torch.long)
+        # Dense document index = position among the ascending numbers, so ties to the lower index are
+        # ties to the lower number.
         self._row_doc = torch.repeat_interleave(torch.arange(len(counts)), counts).to(self.device)
 
     def doc_scores(self, layer_index: int, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -248,17 +241,15 @@ class InMemoryMemory:
         n = len(self._docs)
         if n == 0 or query.shape[0] == 0:
             return self.numbers, torch.full((n,), float("-inf"))
-        chunk = (query.to(self.device, torch.float32) @ self._keys[layer_index].T).amax(0)  # (rows,)
-        doc = torch.full((n,), float("-inf"), device=self.device)
-        doc = doc.scatter_reduce(0, self._row_doc, chunk, reduce="amax", include_self=True)
-        return self.numbers, doc.cpu()
+        rows = row_scores_ref(query.to(self.device, torch.float32), self._keys[layer_index])
+        return self.numbers, doc_scores_ref(rows, self._row_doc, n).cpu()
 
     def route(self, layer_index: int, query: torch.Tensor) -> Routed:
-        numbers, scores = self.doc_scores(layer_index, query)
-        k = min(self.top_k, len(numbers)) if query.shape[0] else 0
-        # Stable sort over ascending numbers: equal scores keep the lower number first.
-        order = torch.sort(scores, descending=True, stable=True).indices[:k]
-        return Routed(numbers=numbers[order], scores=scores[order])
+        if not self._docs or query.shape[0] == 0:
+            return Routed(numbers=torch.empty(0, dtype=torch.long), scores=torch.empty(0))
+        scores, index = routing_topk_ref(query.to(self.device, torch.float32), self._keys[layer_index],
+                                         self._row_doc, len(self._docs), self.top_k)
+        return Routed(numbers=self.numbers[index.cpu()], scores=scores.cpu())
 
     def content_kv(self, layer_index: int, numbers: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         docs = [self._docs[int(n)] for n in sorted(int(n) for n in numbers)]

@@ -20,6 +20,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from msabank.kernels.reference import doc_scores_dense_ref, normalize_heads, routing_query_ref
 from msabank.model import MSAModel, attention, rope_cos_sin
 
 TEMPLATE_LEN = 3
@@ -85,26 +86,16 @@ def _pool(x: torch.Tensor, valid: torch.Tensor, p: int) -> tuple[torch.Tensor, t
     return (s / n.clamp(min=1)).to(x.dtype), n.view(m, c) > 0
 
 
-def _route_scores(rq: torch.Tensor, rk: torch.Tensor, routing: torch.Tensor, chunk_valid: torch.Tensor,
-                  cosine: bool, scale: float) -> torch.Tensor:
-    """Document scores (S, M), float32.
+def _route_scores(rq: torch.Tensor, rk: torch.Tensor, routing: torch.Tensor, chunk_valid: torch.Tensor) -> torch.Tensor:
+    """Document scores (S, M), float32, by the kernels' routing reference: cosine, scale 1 (the official
+    training path scores cosine whatever the rule at inference).
 
-    rq: (S, H, T, D) router queries; rk: (M, Hkv, C, D) pooled router keys. Head-mean is linear, so the
-    H query heads are summed per KV group first (MSA_SPEC §4.2): one (S·T, Hkv·D) x (Hkv·D, M·C) GEMM.
+    rq: (S, H, T, D) router queries; rk: (M, Hkv, C, D) pooled router keys, normalised per head here.
     """
-    s, h, t, d = rq.shape
-    m, hkv, c, _ = rk.shape
-    if cosine:
-        rq = F.normalize(rq.float(), dim=-1)
-        rk = F.normalize(rk.float(), dim=-1)
-    q = rq.float().view(s, hkv, h // hkv, t, d).sum(2) * (scale / h)  # (S, Hkv, T, D)
-    q = q.permute(0, 2, 1, 3).reshape(s * t, hkv * d)
-    k = rk.float().permute(0, 2, 1, 3).reshape(m * c, hkv * d)
-    raw = (q @ k.T).view(s, t, m * c)
-    raw = raw.masked_fill(~routing[:, :, None], float("-inf"))
-    per_chunk = raw.max(dim=1).values.view(s, m, c)  # max over routing tokens
-    per_chunk = per_chunk.masked_fill(~chunk_valid[None], float("-inf"))
-    return per_chunk.max(dim=2).values  # max over a document's chunks
+    m, hkv, c, d = rk.shape
+    query = routing_query_ref(rq, hkv, 1.0, True)  # (S, T, Hkv·D)
+    keys = normalize_heads(rk).permute(0, 2, 1, 3).reshape(m, c, hkv * d)  # (M, C, Hkv·D)
+    return doc_scores_dense_ref(query, keys, routing, chunk_valid)
 
 
 def _select(scores: torch.Tensor, k: int, positive: torch.Tensor | None) -> torch.Tensor:
@@ -188,17 +179,10 @@ def encode_memory(model: MSAModel, mem_ids: torch.Tensor, mem_len: torch.Tensor,
     return mem
 
 
-def _route_scores_blocked(rq: torch.Tensor, rk: torch.Tensor, routing: torch.Tensor, chunk_valid: torch.Tensor,
-                          block: int) -> torch.Tensor:
-    """_route_scores over the memory in blocks of `block` documents (inference on large banks)."""
-    return torch.cat([_route_scores(rq, rk[j : j + block], routing, chunk_valid[j : j + block], True, 1.0)
-                      for j in range(0, rk.shape[0], block)], dim=1)  # fmt: skip
-
-
 def forward(model: MSAModel, batch: Batch, *, top_k: int | None = None, force_positive: bool = True,
             tau: float = 0.1, want_logits: bool = False, want_hidden: bool = False,
             memory: Memory | None = None, selection: list[torch.Tensor] | None = None,
-            score_block: int = 0, want_last_logits: bool = False, lm_only_routed: bool = False,
+            lm_only_routed: bool = False,
             aux_layer_weights: Sequence[float] | None = None) -> Output:
     """The MSA training forward (and, with force_positive=False, its exact inference counterpart).
 
@@ -250,11 +234,7 @@ def forward(model: MSAModel, batch: Batch, *, top_k: int | None = None, force_po
             if selection is not None:
                 sel = selection[r]
             else:
-                rq = layer.self_attn.router_q(x)
-                if score_block:
-                    sc = _route_scores_blocked(rq, prk, routing, cv, score_block)
-                else:
-                    sc = _route_scores(rq, prk, routing, cv, True, 1.0)
+                sc = _route_scores(layer.self_attn.router_q(x), prk, routing, cv)
                 out.scores.append(sc)
                 sel = _select(sc, k, positive)
                 if batch.positive is not None:
@@ -284,8 +264,6 @@ def forward(model: MSAModel, batch: Batch, *, top_k: int | None = None, force_po
     hs = model.model.norm(hs)
     if want_logits:
         out.logits = model.lm_head(hs)
-    elif want_last_logits:  # (S, V) at each sequence's last real token (greedy decoding)
-        out.logits = model.lm_head(hs[torch.arange(s, device=dev), batch.seq_len - 1]).float()
     lab = batch.labels
     if lab is not None and bool((lab >= 0).any()):
         sel_pos = lab >= 0
