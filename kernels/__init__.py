@@ -18,11 +18,18 @@ import torch
 
 from msabank.errors import ConfigError, KernelUnavailableError
 
-from .reference import (doc_scores_dense_ref, normalize_heads, normalize_per_head, routing_query_ref,
-                        routing_topk_ref)
+from .reference import (attention_ref, doc_scores_dense_ref, normalize_heads, normalize_per_head, routing_query_ref,
+                        routing_topk_ref, sparse_attention_ref)
 
-__all__ = ["routing_topk", "routing_topk_ref", "routing_query_ref", "doc_scores_dense_ref", "gather_spans",
-           "normalize_heads", "normalize_per_head", "resolve_impl", "triton_available"]
+__all__ = ["routing_topk", "routing_topk_ref", "routing_query_ref", "doc_scores_dense_ref", "sparse_attention",
+           "sparse_attention_ref", "attention", "gather_spans", "normalize_heads", "normalize_per_head",
+           "resolve_impl", "triton_available"]
+
+attention = attention_ref
+"""Dense GQA attention (stage 1, the template): the PyTorch reference on every device (SDPA dispatches)."""
+sparse_attention = sparse_attention_ref
+"""MSA sparse attention over [memory ; sequence] (`reference.sparse_attention_ref`): no Triton kernel yet;
+SDPA picks the fused backend on CUDA."""
 
 log = logging.getLogger(__name__)
 

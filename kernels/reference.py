@@ -14,6 +14,7 @@ Not here: batching several questions into one call (loop over questions), ANN se
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 # Rows scored per GEMM in the reference: bounds the temporary (T, ROW_TILE) fp32 score tile and the fp32
 # copy of a key tile on CPU (16,384 rows x 1,024 dims x 4 B = 64 MiB) at any bank size.
@@ -184,3 +185,32 @@ def routing_topk_ref(
         cand = torch.nonzero(doc >= kth).squeeze(1)
         s, i = topk_ordered(doc[cand], cand, k)
     return pad_topk(s, i, k) if pad else (s, i)
+
+
+def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """GQA attention with softmax scale D**-0.5.
+
+    q: (B, H, T, D); k, v: (B, Hkv, S, D); mask: bool (B, 1, T, S), True = may attend (None = all).
+    Query head h reads kv head h // (H / Hkv) (HF repeat_kv). Every row must see at least one key.
+    """
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def sparse_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, memory_valid: torch.Tensor,
+                         causal: torch.Tensor) -> torch.Tensor:
+    """MSA's sparse attention (MSA_SPEC §5): each query token attends over [memory ; the sequence itself].
+
+    The memory is the template prefix and the pooled K/V of the chunks this sample's router layer selected
+    (lower layers: the template alone); the sequence part is causal. Used by prefill, decode (T = 1) and
+    the training forward.
+    q: (B, H, T, D); k, v: (B, Hkv, M + T, D), the M memory columns first; memory_valid: (B, M) bool, False
+    on padding (a sample that selected fewer chunks); causal: (B, T, T) bool over the sequence columns.
+    Returns (B, H, T, D). Memory traffic: reads K/V once per query head group, (M + T)·Hkv·D·2 values.
+    """
+    b, t, m = q.shape[0], q.shape[2], memory_valid.shape[1]
+    mask = torch.cat([memory_valid[:, None, :].expand(b, t, m), causal], dim=2)[:, None]  # (B, 1, T, M + T)
+    return attention_ref(q, k, v, mask)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from msabank.config import ModelConfig
+from msabank.kernels import attention
 from msabank.prompt import Tokenizer
 
 __all__ = [
@@ -59,20 +60,6 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: (B, H, T, D); cos/sin broadcastable to it (from rope_cos_sin)."""
     return x * cos + _rotate_half(x) * sin
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """GQA attention with softmax scale D**-0.5.
-
-    q: (B, H, T, D); k, v: (B, Hkv, S, D); mask: bool (B, 1, T, S), True = may attend (None = all).
-    Query head h reads kv head h // (H / Hkv) (HF repeat_kv). Every row must see at least one key
-    (stage 2 always sees the template prefix), so no row is fully masked.
-    """
-    group = q.shape[1] // k.shape[1]
-    if group > 1:
-        k = k.repeat_interleave(group, dim=1)
-        v = v.repeat_interleave(group, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 def chunk_mean_pool(x: torch.Tensor, chunk_size: int) -> torch.Tensor:

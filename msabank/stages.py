@@ -22,7 +22,8 @@ import torch
 from msabank.config import ModelConfig
 from msabank.errors import InputError
 from msabank.kernels.reference import doc_scores_ref, normalize_heads, routing_query_ref, routing_topk_ref, row_scores_ref
-from msabank.model import MSAModel, attention, chunk_mean_pool
+from msabank.kernels import attention, sparse_attention
+from msabank.model import MSAModel, chunk_mean_pool
 from msabank.prompt import Prompt, Tokenizer, document_ids, template_parts
 from msabank.types import EncodedMemory, MemoryView, Routed
 
@@ -426,8 +427,8 @@ def _prefill(
         cache.v[:, :, p0 : p0 + t] = v
         cache.valid[:, p0 : p0 + t] = batch.attention_mask
         # Every query sees the template and its sample's chunks; causal among real prompt tokens only.
-        mask = torch.cat([cache.valid[:, None, :p0].expand(b, t, p0), causal], dim=2)[:, None]  # (B, 1, T, S)
-        h = layer.finish(h, attention(q, cache.k[:, :, : p0 + t], cache.v[:, :, : p0 + t], mask))
+        h = layer.finish(h, sparse_attention(q, cache.k[:, :, : p0 + t], cache.v[:, :, : p0 + t], cache.valid[:, :p0],
+                                             causal))
         caches.append(cache)
         if trace:
             trace(f"prefill/L{i}/q_post_rope", q)
@@ -447,14 +448,16 @@ def _decode_step(
     """Feed one token per sample (B,) at positions (B,); writes column prompt_start + col_offset."""
     cos, sin = model.rope(positions[:, None])
     h = model.model.embed_tokens(ids[:, None])
+    self_col = torch.ones(ids.shape[0], 1, 1, dtype=torch.bool, device=ids.device)  # (B, T=1, T=1)
     for layer, cache in zip(model.model.layers, caches):
         q, k, v = layer.self_attn.qkv(layer.input_layernorm(h), cos, sin)
         col = cache.prompt_start + col_offset
         cache.k[:, :, col] = k[:, :, 0]
         cache.v[:, :, col] = v[:, :, 0]
         cache.valid[:, col] = True
-        mask = cache.valid[:, None, None, : col + 1]
-        h = layer.finish(h, attention(q, cache.k[:, :, : col + 1], cache.v[:, :, : col + 1], mask))
+        # The new token over everything before it (template, chunks, prompt, earlier tokens) and itself.
+        h = layer.finish(h, sparse_attention(q, cache.k[:, :, : col + 1], cache.v[:, :, : col + 1], cache.valid[:, :col],
+                                             self_col))
     return model.lm_head(model.model.norm(h[:, -1])).float()
 
 

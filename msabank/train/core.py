@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from msabank.kernels.reference import doc_scores_dense_ref, normalize_heads, routing_query_ref
-from msabank.model import MSAModel, attention, rope_cos_sin
+from msabank.kernels import attention, sparse_attention
+from msabank.model import MSAModel, rope_cos_sin
 
 TEMPLATE_LEN = 3
 
@@ -228,7 +229,7 @@ def forward(model: MSAModel, batch: Batch, *, top_k: int | None = None, force_po
         tk, tv = memory.template_kv[i]
         keys = [tk.expand(s, -1, -1, -1)]
         vals = [tv.expand(s, -1, -1, -1)]
-        masks = [torch.ones(s, t, TEMPLATE_LEN, dtype=torch.bool, device=dev)]
+        masks = [torch.ones(s, TEMPLATE_LEN, dtype=torch.bool, device=dev)]  # memory columns: (S, M)
         if cfg.is_router_layer(i):
             pk, pv, prk, cv = memory.pooled[i]
             if selection is not None:
@@ -246,18 +247,16 @@ def forward(model: MSAModel, batch: Batch, *, top_k: int | None = None, force_po
                         aux_terms.append(w * F.cross_entropy(sc[has] / tau, batch.positive[has]))
             out.selected.append(sel)
             sel_sorted = sel.sort(dim=1).values  # ascending memory order (official context order)
-            c, hkv, d = pk.shape[2], pk.shape[1], pk.shape[3]
+            hkv, d = pk.shape[1], pk.shape[3]
             gk = pk[sel_sorted].permute(0, 2, 1, 3, 4).reshape(s, hkv, -1, d)  # (S, Hkv, k*C, D)
             gv = pv[sel_sorted].permute(0, 2, 1, 3, 4).reshape(s, hkv, -1, d)
-            gm = cv[sel_sorted].reshape(s, 1, -1).expand(s, t, sel.shape[1] * c)
             keys.append(gk)
             vals.append(gv)
-            masks.append(gm)
+            masks.append(cv[sel_sorted].reshape(s, -1))  # (S, k*C): padding chunks of short documents off
             r += 1
         keys.append(kk)
         vals.append(v)
-        masks.append(causal)
-        o = attention(q, torch.cat(keys, 2), torch.cat(vals, 2), torch.cat(masks, 2)[:, None])
+        o = sparse_attention(q, torch.cat(keys, 2), torch.cat(vals, 2), torch.cat(masks, 1), causal)
         hs = layer.finish(hs, o)
         if want_hidden:
             out.seq_hidden.append(hs if i < len(layers) - 1 else model.model.norm(hs))
