@@ -18,16 +18,18 @@ import torch
 
 from msabank.errors import ConfigError, KernelUnavailableError
 
-from .reference import (attention_ref, doc_scores_dense_ref, normalize_heads, normalize_per_head, routing_query_ref,
+from .reference import (attention_ref, chunk_pool_ref, doc_scores_dense_ref, normalize_heads, normalize_per_head, routing_query_ref,
                         routing_topk_ref, sparse_attention_ref)
 
 __all__ = ["routing_topk", "routing_topk_ref", "routing_query_ref", "doc_scores_dense_ref", "sparse_attention",
-           "sparse_attention_ref", "attention", "gather_spans", "normalize_heads", "normalize_per_head",
+           "sparse_attention_ref", "attention", "chunk_pool", "chunk_pool_ref", "gather_spans", "normalize_heads", "normalize_per_head",
            "resolve_impl", "triton_available"]
 
 attention = attention_ref
 """Dense GQA attention (stage 1, the template): the PyTorch reference on every device (SDPA dispatches)."""
 sparse_attention = sparse_attention_ref
+chunk_pool = chunk_pool_ref
+"""Stage 1's chunk means (`reference.chunk_pool_ref`); no Triton kernel (it is a reduction SDPA-sized work dwarfs)."""
 """MSA sparse attention over [memory ; sequence] (`reference.sparse_attention_ref`): no Triton kernel yet;
 SDPA picks the fused backend on CUDA."""
 

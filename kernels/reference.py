@@ -214,3 +214,23 @@ def sparse_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, memo
     b, t, m = q.shape[0], q.shape[2], memory_valid.shape[1]
     mask = torch.cat([memory_valid[:, None, :].expand(b, t, m), causal], dim=2)[:, None]  # (B, 1, T, M + T)
     return attention_ref(q, k, v, mask)
+
+
+def chunk_pool_ref(x: torch.Tensor, valid: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunk means over real tokens (MSA_SPEC §3.2): the K̄, V̄, K̄ᴿ of stage 1, for a batch of documents.
+
+    x: (B, Hkv, T, D); valid: (B, T) bool, True on real tokens (a prefix of each row). Returns pooled
+    (B, Hkv, C, D) in x's dtype (summed in fp32) and chunk_valid (B, C), C = ceil(T / chunk_size); a
+    document's last chunk is averaged over its real tokens only, chunks past its end are zero and invalid.
+    """
+    b, hkv, t, d = x.shape
+    c = -(-t // chunk_size)
+    pad = c * chunk_size - t
+    xf = x.float()
+    if pad:
+        xf = F.pad(xf, (0, 0, 0, pad))
+        valid = F.pad(valid, (0, pad))
+    w = valid.to(torch.float32).view(b, 1, c, chunk_size, 1)
+    s = (xf.view(b, hkv, c, chunk_size, d) * w).sum(3)
+    n = w.sum(3)
+    return (s / n.clamp(min=1)).to(x.dtype), n.view(b, c) > 0

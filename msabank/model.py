@@ -22,7 +22,7 @@ from msabank.prompt import Tokenizer
 
 __all__ = [
     "MSAModel", "RMSNorm", "Attention", "MLP", "DecoderLayer", "rms_norm", "rope_cos_sin", "apply_rope",
-    "attention", "chunk_mean_pool", "load_model", "model_fingerprint",
+    "attention", "load_model", "model_fingerprint",
 ]  # fmt: skip
 
 
@@ -60,23 +60,6 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: (B, H, T, D); cos/sin broadcastable to it (from rope_cos_sin)."""
     return x * cos + _rotate_half(x) * sin
-
-
-def chunk_mean_pool(x: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """Mean over consecutive chunks of one document, the last one ragged (spec §3.2).
-
-    x: (T, ...) -> (ceil(T / chunk_size), ...), summed in float32 and cast back to x's dtype.
-    """
-    n = x.shape[0]
-    c = -(-n // chunk_size)
-    x32 = x.float()
-    pad = c * chunk_size - n
-    if pad:
-        x32 = torch.cat([x32, x32.new_zeros((pad, *x.shape[1:]))])
-    sums = x32.reshape(c, chunk_size, *x.shape[1:]).sum(1)
-    counts = torch.full((c,), float(chunk_size), device=x.device)
-    counts[-1] = n - (c - 1) * chunk_size
-    return (sums / counts.view(c, *([1] * (x.dim() - 1)))).to(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------

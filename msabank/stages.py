@@ -22,8 +22,8 @@ import torch
 from msabank.config import ModelConfig
 from msabank.errors import InputError
 from msabank.kernels.reference import doc_scores_ref, normalize_heads, routing_query_ref, routing_topk_ref, row_scores_ref
-from msabank.kernels import attention, sparse_attention
-from msabank.model import MSAModel, chunk_mean_pool
+from msabank.kernels import attention, chunk_pool, sparse_attention
+from msabank.model import MSAModel
 from msabank.prompt import Prompt, Tokenizer, document_ids, template_parts
 from msabank.types import EncodedMemory, MemoryView, Routed
 
@@ -42,25 +42,44 @@ def _tokenizer(model: MSAModel) -> Tokenizer:
 # ---------------------------------------------------------------------------------------------------
 
 
-def _forward_capture(
-    model: MSAModel, ids: torch.Tensor, lengths: list[int], trace: Callable[[int, str, torch.Tensor], None] | None
-) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
-    """Right-padded independent sequences (B, T) at positions 0.. -> per layer (k, v, rk), each (B, Hkv, T, D).
+Layer1 = dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
 
-    Only layers up to the last one whose K/V is needed run, and its MLP is skipped (it cannot change what
-    is stored, spec §3.1) unless tracing.
+
+def stage1_forward(
+    model: MSAModel,
+    ids: torch.Tensor,
+    lengths: torch.Tensor,
+    *,
+    through_layer: int | None = None,
+    hidden: list[torch.Tensor] | None = None,
+    trace: Callable[[int, str, torch.Tensor], None] | None = None,
+) -> Layer1:
+    """Stage 1 (spec §3.1): right-padded independent sequences, each alone, causally, at positions 0..
+
+    ids: (B, T); lengths: (B,) real lengths on ids' device. Returns per layer 0..through_layer (default:
+    all) (k, v, rk): k post-norm post-RoPE and v, each (B, Hkv, T, D), rk the router_k_proj output at
+    router layers (else None). The MLP of `through_layer` is skipped (it cannot change what is stored)
+    unless `hidden` (filled with the embeddings and every layer's output, all layers run) or `trace` asks
+    for hidden states. Padding rows attend to themselves, so no row is fully masked (no NaN, also in
+    gradients). Differentiable: the trainer backpropagates through it; the engine runs it under
+    inference_mode. The one stage-1 forward of the engine, the evaluator and the trainer.
     """
     b, t = ids.shape
     dev = ids.device
-    valid = torch.arange(t, device=dev)[None, :] < torch.tensor(lengths, device=dev)[:, None]  # (B, T)
+    last = model.config.num_layers - 1 if through_layer is None else through_layer
+    valid = torch.arange(t, device=dev)[None, :] < lengths[:, None]  # (B, T)
     mask = torch.ones(t, t, dtype=torch.bool, device=dev).tril()[None, None] & valid[:, None, None, :]
+    mask = mask | torch.eye(t, dtype=torch.bool, device=dev)[None, None]  # (B, 1, T, T)
     cos, sin = model.rope(torch.arange(t, device=dev).expand(b, t))
     h = model.model.embed_tokens(ids)
     if trace:
         trace(-1, "embed_out", h)
-    out: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
-    last = model.config.num_layers - 1
+    if hidden is not None:
+        hidden.append(h)
+    out: Layer1 = {}
     for i, layer in enumerate(model.model.layers):
+        if i > last and hidden is None:
+            break
         x = layer.input_layernorm(h)
         q, k, v = layer.self_attn.qkv(x, cos, sin)
         rk = layer.self_attn.router_k(x) if layer.self_attn.is_router else None
@@ -70,11 +89,13 @@ def _forward_capture(
             trace(i, "v", v)
             if rk is not None:
                 trace(i, "router_k", rk)
-        elif i == last:
+        elif i == last and hidden is None:
             break
         h = layer.finish(h, attention(q, k, v, mask))
         if trace:
             trace(i, "hidden_out", h)
+        if hidden is not None:
+            hidden.append(h)
     return out
 
 
@@ -89,24 +110,37 @@ def template_prefix(model: MSAModel, *, trace: Trace | None = None) -> tuple[tor
     if trace is not None:
         tr = lambda i, name, x: trace(f"template/{name}" if i < 0 else f"template/L{i}/{name}", x[0])  # noqa: E731
     with torch.inference_mode():
-        kv = _forward_capture(model, ids, [len(head)], tr)
+        kv = stage1_forward(model, ids, torch.tensor([len(head)], device=model.device), trace=tr)
     k = torch.stack([kv[i][0][0] for i in range(model.config.num_layers)])
     v = torch.stack([kv[i][1][0] for i in range(model.config.num_layers)])
     return k, v
 
 
-def _pool_doc(
-    cfg: ModelConfig, kv: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]], b: int, n: int
-) -> EncodedMemory:
-    pooled: list[list[torch.Tensor]] = [[], [], []]
+def pool_router_layers(cfg: ModelConfig, kv: Layer1, lengths: torch.Tensor
+                       ) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Chunk means (spec §3.2) at every router layer of a stage-1 forward: layer → (K̄, V̄, K̄ᴿ, chunk_valid),
+    each (B, Hkv, C, D) and (B, C), C = ceil(T / chunk_size) (`kernels.chunk_pool`); K̄ᴿ is not normalised."""
+    t = next(iter(kv.values()))[0].shape[2]
+    valid = torch.arange(t, device=lengths.device)[None, :] < lengths[:, None]
+    out = {}
     for layer in cfg.router_layers:
         k, v, rk = kv[layer]
         assert rk is not None, "router layer without router_k_proj"
-        for slot, x in enumerate((rk, k, v)):
-            pooled[slot].append(chunk_mean_pool(x[b, :, :n].transpose(0, 1), cfg.chunk_size))  # (C, Hkv, D)
-    rk_, k_, v_ = (torch.stack(p).cpu() for p in pooled)  # (R, C, Hkv, D)
+        pk, cv = chunk_pool(k, valid, cfg.chunk_size)
+        pv, _ = chunk_pool(v, valid, cfg.chunk_size)
+        prk, _ = chunk_pool(rk, valid, cfg.chunk_size)
+        out[layer] = (pk, pv, prk, cv)
+    return out
+
+
+def _encoded(cfg: ModelConfig, pooled: dict[int, tuple[torch.Tensor, ...]], row: int, n: int) -> EncodedMemory:
+    """One document of a pooled stage-1 group as (R, C, Hkv, D) CPU tensors, routing keys normalised per head
+    when the rule is cosine (after pooling, spec §3.2)."""
+    c = -(-n // cfg.chunk_size)
+    rk_, k_, v_ = (torch.stack([pooled[layer][slot][row, :, :c].transpose(0, 1) for layer in cfg.router_layers]).cpu()
+                   for slot in (2, 0, 1))  # (R, C, Hkv, D)
     if cfg.routing_rule == "cosine":
-        rk_ = normalize_heads(rk_).to(rk_.dtype)  # per head, after pooling (spec §3.2)
+        rk_ = normalize_heads(rk_).to(rk_.dtype)
     return EncodedMemory(n_tokens=n, routing_keys=rk_, content_k=k_, content_v=v_)
 
 
@@ -191,9 +225,12 @@ def encode_documents(
                     trace(key, xs)
 
         with torch.inference_mode():
-            kv = _forward_capture(model, ids.to(model.device), lengths, tr)
+            lens = torch.tensor(lengths, device=model.device)
+            kv = stage1_forward(model, ids.to(model.device), lens, trace=tr,
+                                through_layer=None if tr else max(model.config.router_layers))
+            pooled = pool_router_layers(model.config, kv, lens)
             for row, i in enumerate(group):
-                results[i] = _pool_doc(model.config, kv, row, lengths[row])
+                results[i] = _encoded(model.config, pooled, row, lengths[row])
     return [r for r in results if r is not None]
 
 

@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from msabank.kernels.reference import doc_scores_dense_ref, normalize_heads, routing_query_ref
-from msabank.kernels import attention, sparse_attention
+from msabank.kernels import sparse_attention
 from msabank.model import MSAModel, rope_cos_sin
+from msabank.stages import pool_router_layers, stage1_forward
 
 TEMPLATE_LEN = 3
 
@@ -74,19 +75,6 @@ class Output:
     """(n,) the sequence of each labelled position."""
 
 
-def _pool(x: torch.Tensor, valid: torch.Tensor, p: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chunk means over real tokens. x: (M, Hkv, Ld, D), valid (M, Ld) -> (M, Hkv, C, D), chunk_valid (M, C).
-
-    Ld is a multiple of p. The last chunk of a document is averaged over its real length (spec §3.2).
-    """
-    m, hkv, ld, d = x.shape
-    c = ld // p
-    w = valid.to(torch.float32).view(m, 1, c, p, 1)
-    s = (x.float().view(m, hkv, c, p, d) * w).sum(3)
-    n = w.sum(3)
-    return (s / n.clamp(min=1)).to(x.dtype), n.view(m, c) > 0
-
-
 def _route_scores(rq: torch.Tensor, rk: torch.Tensor, routing: torch.Tensor, chunk_valid: torch.Tensor) -> torch.Tensor:
     """Document scores (S, M), float32, by the kernels' routing reference: cosine, scale 1 (the official
     training path scores cosine whatever the rule at inference).
@@ -127,56 +115,22 @@ class Memory:
 
 
 def encode_template(model: MSAModel, template: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Template head `<|im_start|>user\n` alone at positions 0..2: its K/V in every layer."""
-    cfg = model.config
-    dev = template.device
-    layers = model.model.layers
-    cos, sin = rope_cos_sin(torch.arange(TEMPLATE_LEN, device=dev)[None], cfg.head_dim, cfg.rope_theta, model.dtype)
-    mask = torch.ones(TEMPLATE_LEN, TEMPLATE_LEN, dtype=torch.bool, device=dev).tril()[None, None]
-    h = model.model.embed_tokens(template.view(1, -1))
-    out = []
-    for i, layer in enumerate(layers):
-        q, k, v = layer.self_attn.qkv(layer.input_layernorm(h), cos, sin)
-        out.append((k, v))
-        if i < len(layers) - 1:
-            h = layer.finish(h, attention(q, k, v, mask))
-    return out
+    """Template head `<|im_start|>user\n` alone at positions 0..2: its K/V in every layer (stage 1's forward)."""
+    kv = stage1_forward(model, template.view(1, -1), torch.tensor([TEMPLATE_LEN], device=template.device))
+    return [(kv[i][0], kv[i][1]) for i in range(model.config.num_layers)]
 
 
 def encode_memory(model: MSAModel, mem_ids: torch.Tensor, mem_len: torch.Tensor, template: torch.Tensor,
                   *, want_hidden: bool = False) -> Memory:
-    """Stage 1: each document alone, causally, positions from 0; chunk means at router layers."""
-    cfg = model.config
-    p = cfg.chunk_size
-    dev = mem_ids.device
-    layers = model.model.layers
-    last_router = max(cfg.router_layers)
-    m, ld = mem_ids.shape
-    ld_pad = -(-ld // p) * p
-    mem_ids = F.pad(mem_ids, (0, ld_pad - ld))
-    valid = torch.arange(ld_pad, device=dev)[None] < mem_len[:, None]  # (M, Ld)
-    pos = torch.arange(ld_pad, device=dev).expand(m, ld_pad)
-    cos, sin = rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta, model.dtype)
-    mask = torch.ones(ld_pad, ld_pad, dtype=torch.bool, device=dev).tril()[None, None] & valid[:, None, None, :]
-    mask = mask | torch.eye(ld_pad, dtype=torch.bool, device=dev)[None, None]  # padded rows see themselves
-    h = model.model.embed_tokens(mem_ids)
+    """Stage 1 (`msabank.stages.stage1_forward`, the engine's): each document alone, causally, positions
+    from 0; chunk means at router layers (`stages.pool_router_layers`). Ld is padded to a multiple of P."""
+    p = model.config.chunk_size
+    ld = mem_ids.shape[1]
+    mem_ids = F.pad(mem_ids, (0, -(-ld // p) * p - ld))
     mem = Memory(pooled={}, template_kv=encode_template(model, template))
-    if want_hidden:
-        mem.hidden.append(h)
-    for i, layer in enumerate(layers):
-        if i > last_router and not want_hidden:
-            break
-        x = layer.input_layernorm(h)
-        q, k, v = layer.self_attn.qkv(x, cos, sin)
-        if cfg.is_router_layer(i):
-            pk, cv = _pool(k, valid, p)
-            pv, _ = _pool(v, valid, p)
-            prk, _ = _pool(layer.self_attn.router_k(x), valid, p)
-            mem.pooled[i] = (pk, pv, prk, cv)
-        if i < last_router or want_hidden:
-            h = layer.finish(h, attention(q, k, v, mask))
-            if want_hidden:
-                mem.hidden.append(h)
+    kv = stage1_forward(model, mem_ids, mem_len, through_layer=max(model.config.router_layers),
+                        hidden=mem.hidden if want_hidden else None)
+    mem.pooled = pool_router_layers(model.config, kv, mem_len)
     return mem
 
 

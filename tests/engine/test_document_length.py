@@ -23,7 +23,7 @@ def test_too_long_document_is_named_before_encoding(tmp_path: Path, monkeypatch:
         def no_forward(*args: object, **kwargs: object) -> None:
             raise AssertionError("stage 1 ran on a batch holding a too-long document")
 
-        monkeypatch.setattr(stages, "_forward_capture", no_forward)
+        monkeypatch.setattr(stages, "stage1_forward", no_forward)
         with pytest.raises(InputError) as err:
             eng.put([("short", "A short document."), ("huge", long_text)])
         msg = str(err.value)
