@@ -426,8 +426,8 @@ def _prefill(
         if attn.is_router:
             r = cfg.router_layers.index(i)
             qr = attn.router_q(x)
-            if trace:
-                trace(f"prefill/L{i}/routing_q", qr)
+            if trace:  # the official intermediate is the query as scored: normalised per head under cosine
+                trace(f"prefill/L{i}/routing_q", normalize_heads(qr).to(qr.dtype) if cfg.routing_rule == "cosine" else qr)
             for s, query in enumerate(routing_queries(qr, route_mask, cfg)):
                 given = selected[s] if selected is not None else None
                 if given is not None:  # replay an earlier prefill's choice (the answer hand-off, spec §6.2)

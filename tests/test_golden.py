@@ -215,7 +215,9 @@ def test_engine_case_reproduces_golden(golden: Path, case: str, group: str) -> N
     gold = load_file(str(GOLDEN / "cases" / case / "arrays.safetensors"))
     ours, rows = reproduce(case)
     names = [n for n in gold if GROUPS[group](n)]
-    assert names, f"no golden arrays in group {group}"
+    assert gold, f"{case}: the case holds no arrays at all"
+    if not names:  # a case need not carry every group (e.g. no stage-1 debug arrays): test what it holds
+        pytest.skip(f"{case} carries no {group} arrays")
     problems = []
     for name in names:
         if name not in ours:

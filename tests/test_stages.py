@@ -80,3 +80,17 @@ def test_cosine_rule_stores_unit_routing_keys(golden: Path) -> None:
     model = load_model(golden / "tiny-msa", routing_rule="cosine")
     enc: EncodedMemory = encode_documents(model, DOCS[:1])[0]
     assert torch.allclose(enc.routing_keys.norm(dim=-1), torch.ones(()), atol=1e-5)
+
+
+@pytest.mark.parametrize("rule", ["dot", "cosine"])
+def test_traced_routing_query_is_the_query_as_scored(golden: Path, rule: str) -> None:
+    """Under cosine routing (aux_loss_method INFONCE) the official routing-query intermediate is the per-head
+    L2-normalised query; under dot it is the raw router_q_proj output."""
+    model = load_model(golden / "tiny-msa", routing_rule=rule)
+    mem = InMemoryMemory(dict(zip((n for n, _ in DOCS), encode_documents(model, DOCS))), 2)
+    traces: dict[str, torch.Tensor] = {}
+    generate(model, [question_prompt(model.tokenizer, "Who planted?")], mem, max_new_tokens=1,
+             trace=lambda name, x: traces.setdefault(name, x.clone()))
+    layer = model.config.router_layers[0]
+    norms = traces[f"prefill/L{layer}/routing_q"].norm(dim=-1)  # (B, H, T)
+    assert torch.allclose(norms, torch.ones(()), atol=1e-5) == (rule == "cosine")
