@@ -321,7 +321,7 @@ class Engine:
                 yield batch
 
         r = self.ingest(tap(), batch_size=batch_size, progress=progress)
-        absent = [rec.user_id for rec in self.bank.list() if rec.user_id not in seen]
+        absent = self.bank.absent_ids(seen)
         d = self.delete(absent) if absent else WriteReport(0, 0, 0, 0, r.version)
         return WriteReport(r.added, r.updated, r.unchanged, d.deleted, d.version)
 

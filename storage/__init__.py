@@ -7,7 +7,7 @@ Public API (docs/design/interfaces.md): `Bank`, `Snapshot`, `Geometry`, `Documen
 
 from __future__ import annotations
 
-from msabank.storage.bank import FORMAT_VERSION, Bank, iter_batches
+from msabank.storage.bank import FORMAT_VERSION, Bank
 from msabank.storage.records import (
     BankStats,
     Changes,
@@ -40,5 +40,4 @@ __all__ = [
     "VersionRecord",
     "WriteReport",
     "content_hash",
-    "iter_batches",
 ]

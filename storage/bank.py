@@ -23,7 +23,7 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -65,7 +65,7 @@ from msabank.storage.write import plan_items, write_docs
 from msabank.types import EncodedMemory
 
 # crc32c, to_stored and from_stored live in codec.py now; still importable from here as before
-__all__ = ["FORMAT_VERSION", "Bank", "Snapshot", "crc32c", "default_chunk_rows", "from_stored", "iter_batches", "to_stored"]
+__all__ = ["FORMAT_VERSION", "Bank", "Snapshot", "crc32c", "default_chunk_rows", "from_stored", "to_stored"]
 
 FORMAT_VERSION = 1
 """On-disk format version (docs/storage-format.md). Banks of another version are refused on open."""
@@ -427,15 +427,3 @@ def _acquire_writer_lock(root: Path) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, str(os.getpid()).encode(), 0)
     return fd
-
-
-def iter_batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
-    """Split an iterable into lists of at most `size` (helper for ingest loops)."""
-    batch: list[Any] = []
-    for x in items:
-        batch.append(x)
-        if len(batch) >= size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
