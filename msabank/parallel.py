@@ -12,6 +12,7 @@ NCCL with one GPU per rank when CUDA is present, gloo on CPU. Rank 0 prints the 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -29,14 +30,13 @@ def spawned_ask(rank: int, world: int, port: int, bank: str, question: str, max_
     """Body for `kernels.memory_parallel.spawn_workers` (tests, gloo): writes out.<rank> as JSON."""
     import torch.distributed as dist
 
-    from msabank.cli._render import to_jsonable
     from msabank.kernels.memory_parallel import init_tcp
 
     init_tcp(rank, world, port, backend="gloo", timeout_s=60)
     with Engine.open(bank, readonly=True, device="cpu", group=dist.group.WORLD) as eng:
         ans = eng.ask(question, max_rounds=1, max_new_tokens=max_new_tokens)
         local = eng._index.numbers() if eng._index is not None else []
-    Path(f"{out}.{rank}").write_text(json.dumps({"answer": to_jsonable(ans), "local": local}))
+    Path(f"{out}.{rank}").write_text(json.dumps({"answer": dataclasses.asdict(ans), "local": local}))
     dist.destroy_process_group()
 
 
@@ -44,7 +44,6 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     import torch.distributed as dist
 
-    from msabank.cli._render import to_jsonable
     from msabank.kernels.memory_parallel import init_from_env
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -58,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     ans = ask_on_ranks(a.bank, a.question, group=dist.group.WORLD, device=device,
                        max_new_tokens=a.max_new_tokens, max_rounds=a.max_rounds)
     if rank == 0:
-        print(json.dumps(to_jsonable(ans), indent=2, ensure_ascii=False))  # the CLI entry point's output
+        print(json.dumps(dataclasses.asdict(ans), indent=2, ensure_ascii=False))  # the CLI entry point's output
     dist.destroy_process_group()
 
 
