@@ -27,6 +27,7 @@ from msabank.errors import (BankAccessError, BankError, BankExistsError, BankFor
                             DocumentNotFoundError, InputError)
 from msabank.index import ContentStore, RoutingIndex
 from msabank.interleave import Answer, Hit, Round
+from msabank.checkpoint import fingerprint
 from msabank.model import MSAModel, load_model
 from msabank.storage.bank import Bank, Snapshot
 from msabank.storage.records import DocumentRecord, DocumentWrite, Geometry, Planned, WriteReport
@@ -213,7 +214,7 @@ class Engine:
         tk, tv = stages.template_prefix(m)
         sdt = _torch_dtype(storage_dtype)
         cache: dict[str, Any] = {}
-        fp = checkpoint_fingerprint(mpath, m, storage_dtype, cache)
+        fp = fingerprint(mpath, m, storage_dtype, cache)
         with _bank_io(path, "create"):
             bank = Bank.create(path, geometry, fp, tk.to("cpu", sdt), tv.to("cpu", sdt))
         meta = {"model": DEFAULT_MODEL if model is None else str(mpath.resolve()), "dtype": storage_dtype,
@@ -246,7 +247,7 @@ class Engine:
         mpath = resolve_model_path(model if model is not None else meta.get("model"))
         m = load_model(mpath, device=pick_device(device))
         cache = dict(meta.get("weights_sha256", {}))
-        fp = checkpoint_fingerprint(mpath, m, meta.get("dtype", "bfloat16"), cache)
+        fp = fingerprint(mpath, m, meta.get("dtype", "bfloat16"), cache)
         with _bank_io(path, "open"):
             bank = Bank.open(path, fingerprint=fp, readonly=readonly)
         return cls(bank, m, path, group=group)
@@ -516,35 +517,6 @@ def open_bank(path: str | Path, model: str | Path | None = None, *, create: bool
     if create and not (p / ENGINE_FILE).exists():
         return Engine.create(p, model, device=device)
     return Engine.open(p, model, readonly=readonly, device=device)
-
-
-def checkpoint_fingerprint(model_dir: Path, model: MSAModel, storage_dtype: str, cache: dict[str, Any]) -> str:
-    """sha256 binding a bank to everything that changes its bytes: config (incl. msa_config), tokenizer,
-    prompt template version, the weight files' bytes and the storage dtype.
-
-    The compute dtype is deliberately left out: a bank is served by the same checkpoint on CPU (float32)
-    and GPU (bf16). sha256 runs at ~1.4 GB/s on one core of the dev box (measured), so hashing MSA-4B's
-    ~8.5 GB of weights costs ~6 s: the weight hash is cached in engine.json keyed by each file's size and
-    mtime.
-    """
-    import hashlib
-
-    h = hashlib.sha256()
-    h.update(json.dumps(model.config.fingerprint_dict(), sort_keys=True).encode())
-    h.update(P.PROMPT_TEMPLATE_VERSION.encode())
-    h.update(_tokenizer(model).json_bytes)
-    h.update(storage_dtype.encode())
-    for f in sorted(model_dir.glob("*.safetensors")):
-        st = f.stat()
-        key = f"{f.name}:{st.st_size}:{st.st_mtime_ns}"
-        if key not in cache:
-            fh = hashlib.sha256()
-            with open(f, "rb") as fp:
-                for block in iter(lambda: fp.read(1 << 22), b""):
-                    fh.update(block)
-            cache[key] = fh.hexdigest()
-        h.update(f"{f.name}={cache[key]}".encode())
-    return h.hexdigest()
 
 
 def _tokenizer(model: MSAModel) -> P.Tokenizer:

@@ -22,7 +22,7 @@ from msabank.prompt import Tokenizer
 
 __all__ = [
     "MSAModel", "RMSNorm", "Attention", "MLP", "DecoderLayer", "rms_norm", "rope_cos_sin", "apply_rope",
-    "attention", "load_model", "model_fingerprint",
+    "attention", "load_model",
 ]  # fmt: skip
 
 
@@ -243,8 +243,3 @@ def load_model(
     return model.eval()
 
 
-def model_fingerprint(model: MSAModel) -> str:
-    """sha256 over config (incl. msa_config), weights, tokenizer.json, prompt template version, dtype."""
-    from msabank.checkpoint import model_fingerprint as _fp
-
-    return _fp(model)

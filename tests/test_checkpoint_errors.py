@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from msabank.checkpoint import save_checkpoint
+from msabank.checkpoint import fingerprint, save_checkpoint
 from msabank.config import ModelConfig
 from msabank.errors import CheckpointError, ConfigError
-from msabank.model import load_model, model_fingerprint
+from msabank.model import load_model
 from msabank.prompt import document_ids, question_prompt, regenerate_prompt
 
 
@@ -115,7 +115,8 @@ def test_sharded_index_loads_the_same_model(ckpt: Path) -> None:
     reference = load_model(ckpt)
     (ckpt / "model.safetensors").unlink()
     sharded = load_model(ckpt)
-    assert model_fingerprint(sharded) == model_fingerprint(reference)
+    want = reference.state_dict()
+    assert all(torch.equal(t, want[k]) for k, t in sharded.state_dict().items())
 
 
 def test_tied_embeddings_without_lm_head(ckpt: Path) -> None:
@@ -130,20 +131,24 @@ def test_save_checkpoint_round_trips(ckpt: Path, tmp_path: Path) -> None:
     out = save_checkpoint(model, ckpt / "tokenizer.json", tmp_path / "saved")
     again = load_model(out)
     assert again.config == model.config
-    assert model_fingerprint(again) == model_fingerprint(model)
+    want = model.state_dict()
+    assert all(torch.equal(t, want[k]) for k, t in again.state_dict().items())
     ids = torch.tensor([[257, 261, 10, 72, 105]])
     assert torch.equal(again(ids), model(ids))
     assert again.stop_ids == model.stop_ids == (258, 256)
 
 
-def test_fingerprint_changes_with_weights_rule_and_dtype(ckpt: Path) -> None:
+def test_fingerprint_changes_with_weights_rule_and_storage_dtype(ckpt: Path) -> None:
+    """The fingerprint that binds a bank: weight files, routing rule, storage dtype; not the compute dtype."""
     model = load_model(ckpt)
-    base = model_fingerprint(model)
-    assert model_fingerprint(load_model(ckpt, routing_rule="cosine")) != base
-    assert model_fingerprint(load_model(ckpt, dtype=torch.bfloat16)) != base
-    with torch.no_grad():
-        model.model.norm.weight[0] += 1e-3
-    assert model_fingerprint(model) != base
+    cache: dict = {}
+    base = fingerprint(ckpt, model, "float32", cache)
+    assert cache and fingerprint(ckpt, model, "float32", cache) == base  # cached by file size and mtime
+    assert fingerprint(ckpt, load_model(ckpt, routing_rule="cosine"), "float32") != base
+    assert fingerprint(ckpt, model, "bfloat16") != base
+    assert fingerprint(ckpt, load_model(ckpt, dtype=torch.bfloat16), "float32") == base  # CPU fp32 = GPU bf16
+    _edit_weights(ckpt, lambda w: w["model.norm.weight"].add_(1e-3))
+    assert fingerprint(ckpt, model, "float32", cache) != base
 
 
 def test_routing_rule_follows_aux_loss_method_exactly(ckpt: Path) -> None:
