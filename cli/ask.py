@@ -62,6 +62,7 @@ def ask(bank: Path = BankArg, question: str = typer.Argument(..., help="The ques
     with _open(bank, model, device, readonly=True, server=server) as eng:
         ans = eng.ask(question, max_rounds=max_rounds, max_new_tokens=max_new_tokens, temperature=temperature,
                       top_p=top_p, seed=seed)
+    warn_damaged(bank, getattr(ans, "damaged", None) or [])
     if json_out:
         emit_json(ans)
     else:
@@ -76,6 +77,8 @@ def retrieve(bank: Path = BankArg, question: str = typer.Argument(..., help="The
     """Rank the documents the router layers select for a question (no generation)."""
     with _open(bank, model, device, readonly=True, server=server) as eng:
         hits = eng.retrieve(question)
+        damaged = [eng.damaged[n] for n in sorted(eng.damaged)] if isinstance(getattr(eng, "damaged", None), dict) else []
+    warn_damaged(bank, damaged)
     if json_out:
         emit_json(hits)
         return
@@ -83,6 +86,17 @@ def retrieve(bank: Path = BankArg, question: str = typer.Argument(..., help="The
         out_console.print(f"{h.score:8.4f}  {h.id} [{h.number}]  layers {sorted(h.layers)}", markup=False)
     if not hits:
         err_console.print("no documents in the bank")
+
+
+def warn_damaged(bank: Path, damaged: list[str]) -> None:
+    """Damaged documents the engine left out: one `warning:` line each on stderr, then how to repair."""
+    import sys
+
+    for d in damaged:
+        sys.stderr.write(f"warning: skipped damaged {d}\n")
+    if damaged:
+        sys.stderr.write(f"warning: {len(damaged)} damaged document(s) left out of this answer; repair with "
+                         f"`msabank verify {bank} --repair CORPUS`\n")
 
 
 def register(app: typer.Typer) -> None:

@@ -23,8 +23,8 @@ import torch
 from msabank import interleave
 from msabank import prompt as P
 from msabank import stages
-from msabank.errors import (BankAccessError, BankError, BankExistsError, BankFormatError, BankNotFoundError, ConfigError,
-                            DocumentNotFoundError, InputError)
+from msabank.errors import (BankAccessError, BankCorruptedError, BankError, BankExistsError, BankFormatError,
+                            BankNotFoundError, ConfigError, DocumentNotFoundError, InputError)
 from msabank.index import ContentStore, RoutingIndex
 from msabank.interleave import Answer, Hit, Round
 from msabank.checkpoint import fingerprint
@@ -143,8 +143,10 @@ class BankMemory:
 class SnapshotDocuments:
     """`interleave.Documents` over one bank snapshot: names and texts by document number."""
 
-    def __init__(self, snap: Snapshot) -> None:
+    def __init__(self, snap: Snapshot, damaged: dict[int, str] | None = None) -> None:
         self.snap = snap
+        self.damaged = damaged if damaged is not None else {}
+        """Documents skipped as damaged (number -> reason); a damaged text found here is added."""
 
     def __len__(self) -> int:
         return int(self.snap.state.live_docs)
@@ -158,6 +160,9 @@ class SnapshotDocuments:
             try:
                 rec = self.snap.get(self.snap.user_id(n))
             except DocumentNotFoundError:  # never existed, or deleted
+                continue
+            except BankCorruptedError as err:  # its text fails its hash: never injected
+                self.damaged.setdefault(n, str(err))
                 continue
             out[n] = (rec.user_id, rec.text)
         return out
@@ -180,6 +185,9 @@ class Engine:
         self._index: RoutingIndex | None = None
         self._content: ContentStore | None = None
         self._index_version = -1
+        self.damaged: dict[int, str] = {}
+        """Documents left out of routing because their stored bytes are damaged (number -> the problem,
+        naming the document); `msabank verify --repair CORPUS` repairs them."""
         # Memory parallel (kernels/memory_parallel.py): this rank holds the documents with
         # number % world == rank; every rank runs the same questions and `route` is collective.
         self._group = group
@@ -380,6 +388,7 @@ class Engine:
     def _load_index(self, snap: Snapshot) -> None:
         g = self.bank.geometry
         cdt = self.model.dtype
+        damaged: dict[int, str] = {}
         index = RoutingIndex(g.num_router_layers, g.row_width, device=self._index_device, dtype=cdt)
         content = ContentStore(g.num_router_layers, g.num_kv_heads, g.head_dim, device=self.model.device, dtype=cdt)
         numbers, _, counts = snap.row_map()  # live spans in row order, as routing_keys returns its rows
@@ -395,7 +404,7 @@ class Engine:
 
             def layer_keys() -> Iterator[torch.Tensor]:
                 for r in range(g.num_router_layers):
-                    keys = snap.routing_keys(r)[0]
+                    keys = snap.routing_keys(r, damaged=damaged)[0]
                     if row_mine is not None:
                         keys = keys[row_mine]
                     yield keys
@@ -404,8 +413,14 @@ class Engine:
             index.add_rows(rows, layer_keys())
         my_numbers = [int(n) for n in numbers[mine]]
         for i in range(0, len(my_numbers), 1024):
-            kv = snap.content_kv(my_numbers[i : i + 1024])
+            kv = snap.content_kv([n for n in my_numbers[i : i + 1024] if n not in damaged], damaged=damaged)
             content.add(list(kv), [t.to(cdt) for t in kv.values()])
+        if damaged:  # one damaged document must not stop the bank: it is left out of routing, and named
+            index.remove(list(damaged))
+            content.remove([n for n in damaged if n in content])
+            for reason in damaged.values():
+                log.info("skipping a damaged document: %s", reason)
+        self.damaged = damaged
         self._index, self._content, self._index_version = index, content, snap.version
         if self._group is not None:
             from msabank.kernels.memory_parallel import ShardedRoutingIndex
@@ -423,9 +438,23 @@ class Engine:
         if ch.deleted_numbers:
             self._index.remove(ch.deleted_numbers)
             self._content.remove(ch.deleted_numbers)
-        ups = [n for n in ch.upserted_numbers if self._mine(n)]
+        for n in (*ch.deleted_numbers, *ch.upserted_numbers):
+            self.damaged.pop(n, None)  # a new version (or a delete) replaces the damaged one
+        mems = []
+        ups = []
+        for n in ch.upserted_numbers:
+            if not self._mine(n):
+                continue
+            try:
+                mems.append(snap.tensors(snap.user_id(n)))
+                ups.append(n)
+            except BankCorruptedError as err:
+                self.damaged[n] = str(err)
+                log.info("skipping a damaged document: %s", err)
+                if n in self._index:
+                    self._index.remove([n])
+                    self._content.remove([n])
         if ups:
-            mems = [snap.tensors(snap.user_id(n)) for n in ups]
             r = self.bank.geometry.num_router_layers
             cdt = self.model.dtype
             self._index.add(ups, [m.num_chunks for m in mems],
@@ -451,7 +480,7 @@ class Engine:
             pr = P.question_prompt(self.tokenizer, q, span=self.model.config.routing_span)
             gen = stages.generate(self.model, pr.ids, mem, routing_mask=pr.routing_mask, max_new_tokens=1,
                                   template=self._template)
-            return interleave.hits(gen.routed[0], self.model.config.router_layers, SnapshotDocuments(snap))
+            return interleave.hits(gen.routed[0], self.model.config.router_layers, SnapshotDocuments(snap, self.damaged))
 
     # ---- asking ---------------------------------------------------------------------------------
 
@@ -495,7 +524,7 @@ class Engine:
             t_refresh = self.refresh(snap)
             mem = self._view(snap)
             gen_t: dict[str, float] = {}
-            answers = interleave.run(self.model, mem, SnapshotDocuments(snap), qs,
+            answers = interleave.run(self.model, mem, SnapshotDocuments(snap, self.damaged), qs,
                                      limits=interleave.Limits(max_rounds, max_new_tokens, token_budget),
                                      sampling=interleave.Sampling(temperature, top_p, seed),
                                      template=self._template, timings=gen_t)
@@ -503,7 +532,8 @@ class Engine:
         timings = {"refresh": t_refresh, "route": mem.route_s, "fetch": mem.fetch_s,
                    "prefill": prefill - mem.route_s - mem.fetch_s, "decode": gen_t.get("decode_s", 0.0),
                    "total": time.perf_counter() - t_start}
-        return [dataclasses.replace(a, timings=dict(timings)) for a in answers]
+        damaged = [self.damaged[n] for n in sorted(self.damaged)]
+        return [dataclasses.replace(a, timings=dict(timings), damaged=list(damaged)) for a in answers]
 
 
 # ---------------------------------------------------------------------------------------------------

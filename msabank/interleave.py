@@ -141,6 +141,9 @@ class Answer:
     A "no_answer" never carries generated text in `answer` (the attempt stays in `rounds`/`transcript`)."""
     no_answer_reason: str | None = None
     """Why there is no answer, as a sentence (None when there is one)."""
+    damaged: list[str] = field(default_factory=list)
+    """Damaged documents of the bank that were left out (one problem each, naming the document): the
+    answer comes from the rest of the bank. Empty for a bank that verifies."""
 
     @property
     def evidence(self) -> list[Hit]:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -96,3 +97,50 @@ def test_progress_lines_when_stderr_is_not_a_terminal(golden: Path, clean: tuple
     assert "tok/s" in lines[0] and "ETA" in lines[0] and "ETA" not in lines[-1]
     res = run("ingest", tmp_path / "b", clean[1], "--batch-size", "4")  # default interval: only the last line
     assert [ln.split(" docs")[0] for ln in res.stderr.splitlines() if ln.startswith("ingest: ")] == ["ingest: 6/6"]
+
+
+def _damage_doc3(bank: Path) -> None:
+    """doc3's content checksum no longer matches its rows: what one flipped byte in a content chunk does to
+    each document in it (a chunk of this tiny geometry holds every document, so the checksum is changed)."""
+    raw = (bank / "index" / "data.mdb").read_bytes()
+    text = json.loads(run("show", bank, "doc3", "--json").stdout)["document"]["text"]
+    at = raw.index(json.dumps(text, ensure_ascii=False)[:40].encode())  # the version record holds the text...
+    m = re.compile(rb'"crc_content":(\d)').search(raw, at)  # ...and its checksum right after it
+    assert m is not None
+    digit = raw[m.start(1)]
+    raw = raw[: m.start(1)] + bytes([digit ^ 1 if digit != 0x39 else 0x38]) + raw[m.start(1) + 1 :]
+    (bank / "index" / "data.mdb").write_bytes(raw)
+
+
+def test_ask_and_retrieve_skip_damaged_documents(bank: Path, clean: tuple[Path, Path]) -> None:
+    text1 = json.loads(run("show", bank, "doc1", "--json").stdout)["document"]["text"]
+    _damage_doc3(bank)
+    _patch_mdb(bank, text1[:24].encode(), text1[:24].swapcase().encode())
+    bad = set(json.loads(run("verify", bank, "--json", ok=False).stdout)["report"]["corrupted"])
+    assert bad == {"doc1", "doc3"}
+    res = run("retrieve", bank, "Who kept the lighthouse?", "--json")  # the bank still serves the rest
+    hits = json.loads(res.stdout)
+    assert hits and {h["id"] for h in hits} <= {f"doc{i}" for i in range(6)} - bad
+    assert "warning: skipped damaged document 'doc1'" in res.stderr
+    assert "warning: skipped damaged document 'doc3'" in res.stderr and "2 damaged document(s)" in res.stderr
+    res = run("ask", bank, "Who kept the lighthouse?", "--max-rounds", "1", "--max-new-tokens", "4", "--json",
+              ok=False)
+    assert res.exit_code in (0, 3), res.output
+    ans = json.loads(res.stdout)
+    assert len(ans["damaged"]) == 2 and all(d["id"] not in bad for r in ans["rounds"] for d in r["documents"])
+
+
+def test_engine_skips_damaged_documents_until_they_are_rewritten(bank: Path, clean: tuple[Path, Path]) -> None:
+    from msabank.engine import Engine
+
+    _damage_doc3(bank)
+    with Engine.open(bank, device="cpu") as eng:
+        hits = eng.retrieve("Who kept the lighthouse?")
+        assert "doc3" not in {h.id for h in hits} and set(eng.damaged) == {3}
+        assert "'doc3'" in eng.damaged[3] and "checksum" in eng.damaged[3]
+        text = [json.loads(ln)["text"] for ln in clean[1].read_text().splitlines()][3]
+        eng.delete(["doc3"])  # a repair: delete, then add again from the source
+        eng.ingest([("doc3", text)])
+        eng.retrieve("Who kept the lighthouse?")
+        assert eng.damaged == {}
+        assert eng.ask("Who kept the lighthouse?", max_rounds=1, max_new_tokens=2).damaged == []
