@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -191,8 +192,8 @@ def test_index_load_is_sized_exactly(tmp_path: Path, golden: Path, monkeypatch: 
     alive, peak = [0], [0]
     read = Snapshot.routing_keys
 
-    def counted(self: Snapshot, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        keys, rows = read(self, layer)
+    def counted(self: Snapshot, layer: int, **kw: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, rows = read(self, layer, **kw)
         alive[0] += 1
         peak[0] = max(peak[0], alive[0])
         weakref.finalize(keys, lambda: alive.__setitem__(0, alive[0] - 1))
