@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from msabank.errors import MsabankError
+from msabank.errors import DistributedError, MsabankError
 from msabank.serve.metrics import Metrics
 
 log = logging.getLogger("msabank.serve")
@@ -84,7 +84,8 @@ class EngineLoop:
     def __init__(self, bank: Path, *, model: str | None = None, device: str | None = None, batch_size: int = 16,
                  batch_wait_s: float = 0.005, queue_size: int = 256, metrics: Metrics | None = None,
                  on_version: Callable[[int], None] | None = None, on_ready: Callable[[Any], None] | None = None,
-                 open_engine: Callable[[], Any] | None = None) -> None:
+                 open_engine: Callable[[], Any] | None = None,
+                 on_fatal: Callable[[BaseException], None] | None = None) -> None:
         self.bank_path = bank
         self.model = model
         self.device = device
@@ -96,6 +97,7 @@ class EngineLoop:
         self.on_version = on_version
         self.on_ready = on_ready
         self._open_engine = open_engine
+        self.on_fatal = on_fatal
         self._thread = threading.Thread(target=self._run, name="msabank-engine", daemon=True)
         self._carry: Job | None = None  # a non-ask job that ended a batch's collection
         self.engine: Any = None
@@ -145,7 +147,7 @@ class EngineLoop:
             self.on_ready(None)
         try:
             while True:
-                job = self._carry or self.queue.get()
+                job = self._carry or self._next()
                 self._carry = None
                 if job.kind == "stop":
                     break
@@ -154,9 +156,23 @@ class EngineLoop:
                 else:
                     self._run_one(job)
                 self.metrics.set("msabank_queue_depth", self.queue.qsize())
+        except DistributedError as err:  # a dead or stuck rank: not ready any more, and the process exits
+            self.state.ready = False
+            self.state.failed = str(err)
+            log.error("memory parallel failed: %s", err)
+            if self.on_fatal:
+                self.on_fatal(err)
         finally:
             self._drain()
             self.engine.close()
+
+    def _next(self) -> Job:
+        """The next job (blocking). Memory parallel overrides it to keep the other ranks posted while idle."""
+        return self.queue.get()
+
+    def _ask(self, questions: list[str], options: dict[str, Any]) -> list[Any]:
+        """Run one batch on the engine (memory parallel first tells the other ranks to join it)."""
+        return ask_batch(self.engine, questions, **options)
 
     def _load(self) -> None:
         t = time.perf_counter()
@@ -225,12 +241,16 @@ class EngineLoop:
         t0 = time.perf_counter()
         self.metrics.observe("msabank_batch_size", len(live))
         try:
-            answers = ask_batch(self.engine, [j.payload for j in live], **opts)
+            answers = self._ask([j.payload for j in live], opts)
+        except DistributedError:
+            raise  # a rank is gone: the server stops (_run), it does not retry
         except Exception:  # isolate the question at fault: ask them one at a time
             answers = []
             for j in live:
                 try:
-                    answers.append(ask_batch(self.engine, [j.payload], **opts)[0])
+                    answers.append(self._ask([j.payload], opts)[0])
+                except DistributedError:
+                    raise
                 except Exception as err:  # noqa: BLE001 - handed to that question's caller
                     answers.append(err)
         seconds = time.perf_counter() - t0
@@ -253,6 +273,9 @@ class EngineLoop:
         fn = getattr(self, f"_do_{job.kind}")
         try:
             result = fn(job.payload)
+        except DistributedError:
+            job.future.set_exception(NotReady("a memory-parallel rank failed; the server is stopping"))
+            raise
         except BaseException as err:  # noqa: BLE001 - handed to the caller
             self.metrics.inc("msabank_errors_total", type=type(err).__name__)
             job.future.set_exception(err)

@@ -23,6 +23,7 @@ from typing import Any, Optional
 
 from msabank.errors import BankLockedError, BankNotFoundError, ConfigError, MsabankError
 from msabank.serve.app import Limits, ServeConfig, create_app
+from msabank.serve import parallel
 from msabank.serve.loop import EngineLoop
 
 log = logging.getLogger("msabank.serve")
@@ -142,8 +143,34 @@ def serve(bank: Path, *, model: Optional[str] = None, device: Optional[str] = No
         _say(out, f"ready: bank {bank} at version {loop.state.version}, {loop.state.index_rows} index rows, "
                   f"loaded in {loop.state.load_seconds:.2f} s")
 
-    loop = EngineLoop(bank, model=model, device=device, batch_size=batch_size, batch_wait_s=batch_wait_ms / 1000,
-                      queue_size=queue_size, on_ready=on_ready)
+    def on_fatal(err: BaseException) -> None:  # on the engine thread: a memory-parallel rank is gone
+        failure.append(err)
+        if server is not None:
+            server.should_exit = True
+
+    loop_options: dict[str, Any] = dict(model=model, batch_size=batch_size, batch_wait_s=batch_wait_ms / 1000,
+                                        queue_size=queue_size, on_ready=on_ready, on_fatal=on_fatal)
+    group: Any = None
+    if parallel.world_size() > 1:  # torchrun: rank 0 serves, the other ranks hold their shards and join
+        import torch.distributed as dist
+
+        from msabank.kernels.memory_parallel import init_from_env
+
+        rank, _ = init_from_env()
+        control = parallel.Control()
+        group = dist.group.WORLD
+        device = parallel.device_for_rank(device)
+        if rank != 0:
+            for sig in (signal.SIGINT, signal.SIGTERM):  # rank 0 says when to stop (torchrun signals every rank)
+                signal.signal(sig, signal.SIG_IGN)
+            try:
+                parallel.worker(bank, model=model, device=device, control=control, group=group)
+            finally:
+                dist.destroy_process_group()
+            return
+        loop: EngineLoop = parallel.ParallelEngineLoop(bank, control, group=group, device=device, **loop_options)
+    else:
+        loop = EngineLoop(bank, device=device, **loop_options)
     config = ServeConfig(api_keys=api_keys, read_keys=read_keys, limits=limits or Limits(), bank=str(bank))
     app = create_app(loop, config)
 
@@ -174,6 +201,10 @@ def serve(bank: Path, *, model: Optional[str] = None, device: Optional[str] = No
         remove_note(bank)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if group is not None:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
     _say(out, "stopped")
     if failure:
         err = failure[0]

@@ -1,12 +1,17 @@
-"""The serving benchmark runs end to end on a tiny bank (the figures themselves belong in docs/benchmarks.md)."""
+"""The serving benchmark runs end to end on a tiny bank (the figures themselves belong in docs/benchmarks.md).
+
+Marked slow (two more server processes, ~13 s on 2 cores): `pytest -m slow tests/serve`."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from msabank.serve.bench import run_serve_bench
 
 
+@pytest.mark.slow
 def test_serve_bench_smoke(tmp_path: Path) -> None:
     res = run_serve_bench(docs=6, device="cpu", clients=(1, 2), questions_per_client=1, max_new_tokens=2,
                           max_rounds=0, workdir=tmp_path)
