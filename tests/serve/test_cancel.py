@@ -1,4 +1,5 @@
-"""A question whose client disconnects before the engine takes it is dropped, never run.
+"""A full queue answers 429; a question whose client disconnects before the engine takes it is dropped,
+never run.
 
 In-process: the real app and engine loop under uvicorn on 127.0.0.1, with a stand-in engine whose
 ask_batch blocks until the test releases it, so "the engine is busy" is a state the test controls, not
@@ -63,11 +64,11 @@ def _until(cond: Any, what: str) -> None:
     raise AssertionError(f"never happened: {what}")
 
 
-def test_a_disconnected_clients_question_is_dropped_before_it_runs(tmp_path: Any) -> None:
+def test_a_full_queue_refuses_and_a_disconnected_question_is_dropped_before_it_runs(tmp_path: Any) -> None:
     import uvicorn
 
     eng = _BlockingEngine()
-    loop = EngineLoop(tmp_path, open_engine=lambda: eng, batch_wait_s=0.0)
+    loop = EngineLoop(tmp_path, open_engine=lambda: eng, batch_wait_s=0.0, queue_size=1)
     server = uvicorn.Server(uvicorn.Config(create_app(loop, ServeConfig()), host="127.0.0.1", port=0,
                                            lifespan="off", log_level="warning", http="h11", ws="none"))
     t_server = threading.Thread(target=server.run, daemon=True)
@@ -89,6 +90,9 @@ def test_a_disconnected_clients_question_is_dropped_before_it_runs(tmp_path: Any
                   b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
         _until(lambda: loop.queue.qsize() == 1, "B queued")
         queued = loop.queue.queue[0]
+        full = httpx.post(url + "/v1/ask", json={"question": "C"}, timeout=60)  # the queue holds 1: B
+        assert full.status_code == 429 and full.json()["error"]["type"] == "queue_full"
+        assert full.headers["retry-after"] == "1"
         s.close()  # the client goes away while B waits
         _until(lambda: queued.future.cancelled(), "B cancelled by the disconnect")
 
