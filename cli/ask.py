@@ -14,11 +14,13 @@ NO_ANSWER_EXIT = 3
 """Exit status of `ask` when the loop ends without an answer (1 is an error, 2 a usage error)."""
 
 
-def round_lines(ans, *, max_docs: int = 6, scores: bool = True) -> list[str]:  # noqa: ANN001
-    """One line per interleave round: documents routed to, numbers the model named, documents appended."""
+def round_lines(ans, *, max_docs: int = 6, scores: bool = True, gold: frozenset[str] = frozenset()) -> list[str]:  # noqa: ANN001
+    """One line per interleave round: documents routed to, numbers the model named, documents appended.
+    Documents in `gold` (the demo knows which documents answer its questions) are marked with a star."""
     lines = []
     for r in ans.rounds:
-        docs = ", ".join(f"{h.id}[{h.number}]" + (f" {h.score:.3f}/{len(h.layers)}L" if scores else "")
+        docs = ", ".join(f"{h.id}[{h.number}]" + ("★" if h.id in gold else "")
+                         + (f" {h.score:.3f}/{len(h.layers)}L" if scores else "")
                          for h in r.documents[:max_docs])
         more = f" +{len(r.documents) - max_docs}" if len(r.documents) > max_docs else ""
         line = f"  round {r.index}: routed {docs or 'nothing (empty bank)'}{more}"

@@ -44,6 +44,9 @@ def demo(docs: int = typer.Option(300, "--docs", min=20, help="Documents in the 
     with tempfile.TemporaryDirectory(prefix="msabank-demo-") as tmp:
         path = bank or Path(tmp) / "bank"
         with Engine.create(path, model, device=device) as eng:
+            if model is None:
+                err_console.print("[dim]The embedded model is a 7.4M-parameter demonstration model trained on a "
+                                  "synthetic world: expect some wrong answers (docs/eval.md has its numbers).[/]")
             err_console.print(f"[bold]demo[/] seed {seed}: ingesting {docs} synthetic documents into {escape(str(path))} …")
             rep = eng.ingest(((d.id, d.text) for d in world.documents()), batch_size=64)
             st = eng.stats()
@@ -58,10 +61,10 @@ def demo(docs: int = typer.Option(300, "--docs", min=20, help="Documents in the 
                                              "correct": ok, "hops": q.hops, "gold": [world.document(g).id for g in q.gold],
                                              "evidence": [h.id for h in ans.evidence], "batch_seconds": ans.timings["total"]})
                 if not json_out:
-                    _show(q.question, q.answer, ans, ok)
-            # Update: change the fact a question asks about and ask again in the same long-lived engine.
-            upd = next((q for q in world.questions(40, seed=seed + 4, kinds=("single", "needle"))
-                        if q.answer.isdigit()), None)
+                    _show(q.question, q.answer, ans, ok, gold=_gold_ids(world, q))
+            # Update: change the fact a question asks about and ask again in the same long-lived engine. The
+            # question is one whose routing reaches the document, so the change can show in the answer.
+            upd = _update_question(eng, world, seed)
             if upd is not None:
                 doc = world.document(upd.gold[0])
                 new_value = _changed_value(upd.answer, rng)
@@ -75,8 +78,9 @@ def demo(docs: int = typer.Option(300, "--docs", min=20, help="Documents in the 
                                      "changed": after.answer.strip() == new_value, "update_to_answer_s": seen_s}
                 if not json_out:
                     out_console.print(f"\n[bold]update[/] {doc.id}: {upd.answer} → {new_value}")
-                    _show(upd.question, upd.answer, before, before.answer.strip() == upd.answer, label="before")
-                    _show(upd.question, new_value, after, after.answer.strip() == new_value, label="after")
+                    gold = _gold_ids(world, upd)
+                    _show(upd.question, upd.answer, before, before.answer.strip() == upd.answer, label="before", gold=gold)
+                    _show(upd.question, new_value, after, after.answer.strip() == new_value, label="after", gold=gold)
     results["seconds"] = time.perf_counter() - t0
     qs = results["questions"]
     correct = sum(q["correct"] for q in qs)  # type: ignore[index, union-attr]
@@ -86,7 +90,21 @@ def demo(docs: int = typer.Option(300, "--docs", min=20, help="Documents in the 
         out_console.print(f"\n{correct}/{len(qs)} answered correctly; demo took {results['seconds']:.1f}s")  # type: ignore[arg-type]
 
 
-def _show(question: str, expected: str, ans, ok: bool, label: str = "") -> None:  # noqa: ANN001
+def _gold_ids(world, q) -> frozenset[str]:  # noqa: ANN001
+    return frozenset(world.document(g).id for g in q.gold)
+
+
+def _update_question(eng, world, seed: int, tries: int = 12):  # noqa: ANN001, ANN202
+    """A single-hop or needle question with a numeric answer whose first-round routing selects its document
+    (checked with `retrieve`, one prefill each); the first numeric one when none of `tries` is routed."""
+    numeric = [q for q in world.questions(40, seed=seed + 4, kinds=("single", "needle")) if q.answer.isdigit()]
+    for q in numeric[:tries]:
+        if world.document(q.gold[0]).id in {h.id for h in eng.retrieve(q.question)}:
+            return q
+    return numeric[0] if numeric else None
+
+
+def _show(question: str, expected: str, ans, ok: bool, label: str = "", gold: frozenset[str] = frozenset()) -> None:  # noqa: ANN001
     mark = "[green]✓[/]" if ok else "[red]✗[/]"
     out_console.print(f"\n[bold]Q{(' ' + label) if label else ''}:[/] {question}")
     from rich.markup import escape
@@ -95,7 +113,7 @@ def _show(question: str, expected: str, ans, ok: bool, label: str = "") -> None:
     out_console.print(f"  {mark} answer: [bold]{said}[/]   expected: {escape(expected)}")
     from msabank.cli.ask import round_lines
 
-    for line in round_lines(ans, max_docs=3, scores=False):
+    for line in round_lines(ans, max_docs=3, scores=False, gold=gold):
         out_console.print(line, markup=False)
 
 
