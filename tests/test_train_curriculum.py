@@ -191,6 +191,7 @@ def test_routing_span_is_a_checked_model_option():
     from msabank.errors import ConfigError
 
     raw = json.loads((default_model_path() / "config.json").read_text())
+    raw["msa_config"].pop("routing_span", None)
     official = ModelConfig.from_dict(raw)
     raw["msa_config"]["routing_span"] = "question"
     question = ModelConfig.from_dict(raw)
