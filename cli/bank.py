@@ -263,11 +263,10 @@ def ls(bank: Path = BankArg, limit: int = typer.Option(0, "--limit", min=0, help
         # a local bank lists what it can read and names the damaged records; a server lists its own way
         recs = eng.bank.list(damaged=damaged) if _is_local(eng) else list(eng.list())
     recs = recs[:limit] if limit else recs
-    for d in damaged:
-        err_console.print(f"warning: skipped damaged {d}", markup=False)
+    for d in damaged:  # plain writes: one unwrapped line per document, for logs and grep
+        sys.stderr.write(f"warning: skipped damaged {d}\n")
     if damaged:
-        err_console.print(f"warning: {len(damaged)} damaged document(s) not listed; run `msabank verify {bank}`",
-                          markup=False)
+        sys.stderr.write(f"warning: {len(damaged)} damaged document(s) not listed; run `msabank verify {bank}`\n")
     if json_out:
         emit_json([{"id": r.user_id, "number": r.number, "version": r.version, "tokens": r.n_tokens,
                     "chunks": r.num_chunks, "updated_at": r.updated_at} for r in recs])
