@@ -26,9 +26,11 @@ import json
 import os
 import socket
 import time
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -42,6 +44,28 @@ from .reference import topk_ordered_padded
 def shard_of(number: int, world_size: int) -> int:
     """The rank that owns document `number`: round robin, stable under appends and updates."""
     return number % world_size
+
+
+@dataclass(frozen=True, slots=True)
+class Shard:
+    """This rank's part of the bank: the documents `shard_of` gives it (rank 0 of 1: all of them)."""
+
+    rank: int = 0
+    world: int = 1
+
+    @classmethod
+    def of(cls, group: Any = None) -> Shard:
+        """The shard of this process in `group` (None: no memory parallel, one shard)."""
+        if group is None:
+            return cls()
+        return cls(dist.get_rank(group), dist.get_world_size(group))
+
+    def owns(self, number: int) -> bool:
+        return shard_of(int(number), self.world) == self.rank
+
+    def owns_each(self, numbers: np.ndarray) -> np.ndarray:
+        """(N,) bool: which of `numbers` this shard holds."""
+        return numbers % self.world == self.rank
 
 
 def init_from_env(*, backend: str | None = None, timeout_s: float = 60.0) -> tuple[int, int]:

@@ -25,13 +25,14 @@ from msabank import prompt as P
 from msabank import stages
 from msabank.errors import (BankAccessError, BankCorruptedError, BankError, BankExistsError, BankFormatError,
                             BankNotFoundError, ConfigError, DocumentNotFoundError, InputError)
-from msabank.index import ContentStore, RoutingIndex
+from msabank.index import BankIndex, BankMemory
 from msabank.interleave import Answer, Hit, Round
 from msabank.checkpoint import fingerprint
 from msabank.model import MSAModel, load_model
 from msabank.storage.bank import Bank, Snapshot
-from msabank.storage.records import DocumentRecord, DocumentWrite, Geometry, Planned, WriteReport
-from msabank.types import EncodedMemory, Routed
+from msabank.storage.records import (BankStats, CompactReport, DocumentRecord, DocumentWrite, Geometry, Planned,
+                                     VerifyReport, WriteReport)
+from msabank.types import EncodedMemory
 
 __all__ = ["Engine", "open_bank", "Answer", "Hit", "Round", "SnapshotDocuments", "BankMemory"]
 
@@ -85,59 +86,7 @@ def pick_device(device: str | None) -> torch.device:
 
 
 # ---------------------------------------------------------------------------------------------------
-# The memory a generation sees
-
-
-class BankMemory:
-    """`MemoryView` over the routing index and the content store (one consistent bank version).
-
-    `router` is a `RoutingIndex`, or a `ShardedRoutingIndex` when several ranks each hold a shard (memory
-    parallel): then documents another rank owns are read from the bank snapshot on demand (once per
-    question). Accumulates the wall time of routing and of content fetches (device-synchronised on CUDA,
-    where the work is asynchronous) so `ask` can report time by stage.
-    """
-
-    def __init__(self, router: Any, content: ContentStore, top_k: int, snap: Snapshot | None = None) -> None:
-        self.router = router
-        self.content = content
-        self.top_k = top_k
-        self.snap = snap
-        self.route_s = 0.0
-        self.fetch_s = 0.0
-        self._remote: dict[int, torch.Tensor] = {}  # number -> (C, R, 2, Hkv, D) on the device
-        self._cuda = content.device.type == "cuda"
-
-    def _sync(self) -> None:
-        if self._cuda:
-            torch.cuda.synchronize()
-
-    def route(self, layer_index: int, query: torch.Tensor) -> Routed:
-        t = time.perf_counter()
-        out = self.router.search(layer_index, query, self.top_k)  # returns CPU tensors: already synced
-        self.route_s += time.perf_counter() - t
-        return out
-
-    def content_kv(self, layer_index: int, numbers: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        t = time.perf_counter()
-        nums = sorted(int(n) for n in numbers)
-        if all(n in self.content for n in nums):
-            out = self.content.fetch(layer_index, nums)
-        else:  # memory parallel: some documents live in another rank's shard
-            parts = [self.content.fetch(layer_index, [n]) if n in self.content else self._remote_kv(layer_index, n)
-                     for n in nums]
-            out = (torch.cat([k for k, _ in parts]), torch.cat([v for _, v in parts]))
-        self._sync()
-        self.fetch_s += time.perf_counter() - t
-        return out
-
-    def _remote_kv(self, layer_index: int, number: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if number not in self._remote:
-            if self.snap is None:
-                raise DocumentNotFoundError(f"#{number}")
-            kv = self.snap.content_kv([number])[number]
-            self._remote[number] = kv.to(self.content.device, self.content.dtype)
-        kv = self._remote[number]
-        return kv[:, layer_index, 0], kv[:, layer_index, 1]
+# The documents a question sees
 
 
 class SnapshotDocuments:
@@ -181,22 +130,10 @@ class Engine:
         self.path = path
         self.tokenizer: P.Tokenizer = _tokenizer(model)
         self._template = stages.template_prefix(model)
-        self._index_device = index_device or model.device
-        self._index: RoutingIndex | None = None
-        self._content: ContentStore | None = None
-        self._index_version = -1
-        self.damaged: dict[int, str] = {}
-        """Documents left out of routing because their stored bytes are damaged (number -> the problem,
-        naming the document); `msabank verify --repair CORPUS` repairs them."""
-        # Memory parallel (kernels/memory_parallel.py): this rank holds the documents with
-        # number % world == rank; every rank runs the same questions and `route` is collective.
-        self._group = group
-        self._router: Any = None
-        self._rank, self._world = 0, 1
-        if group is not None:
-            import torch.distributed as dist
-
-            self._rank, self._world = dist.get_rank(group), dist.get_world_size(group)
+        # Memory parallel (kernels/memory_parallel.py): with a process group this rank holds one shard of the
+        # routing index; every rank runs the same questions and routing is collective.
+        self._index = BankIndex(bank.geometry, dtype=model.dtype, index_device=index_device or model.device,
+                                content_device=model.device, group=group)
 
     # ---- opening --------------------------------------------------------------------------------
 
@@ -354,123 +291,40 @@ class Engine:
     def list(self) -> Iterator[DocumentRecord]:
         return iter(self.bank.list())
 
-    def stats(self) -> Any:
+    def stats(self) -> BankStats:
         return self.bank.stats()
 
-    def verify(self) -> Any:
+    def verify(self) -> VerifyReport:
         return self.bank.verify()
 
-    def compact(self) -> Any:
+    def compact(self) -> CompactReport:
         return self.bank.compact()
 
     # ---- routing index --------------------------------------------------------------------------
 
     def refresh(self, snap: Snapshot | None = None) -> float:
-        """Bring the routing index and content store up to the bank's latest version; returns seconds.
-
-        The first call loads every live document (bulk routing-key reads, one per router layer); later
-        calls apply only the changes since (new rows appended, superseded rows masked), so an update costs
-        the document, not the bank.
-        """
+        """Bring the routing index and content store up to `snap` (default: the bank's latest version);
+        returns seconds. See `msabank.index.BankIndex.refresh`: the first call loads every live document,
+        later calls apply only the changes since, so an update costs the document, not the bank; damaged
+        documents are left out of routing and named in `damaged`."""
         t = time.perf_counter()
-        own = snap is None
-        snap = snap or self.bank.snapshot()
-        try:
-            if self._index is None:
-                self._load_index(snap)
-            elif snap.version != self._index_version:
-                self._apply_changes(snap)
-        finally:
-            if own:
-                snap.close()
+        if snap is not None:
+            self._index.refresh(snap)
+        else:
+            with self.bank.snapshot() as own:
+                self._index.refresh(own)
         return time.perf_counter() - t
 
-    def _load_index(self, snap: Snapshot) -> None:
-        g = self.bank.geometry
-        cdt = self.model.dtype
-        damaged: dict[int, str] = {}
-        index = RoutingIndex(g.num_router_layers, g.row_width, device=self._index_device, dtype=cdt)
-        content = ContentStore(g.num_router_layers, g.num_kv_heads, g.head_dim, device=self.model.device, dtype=cdt)
-        numbers, _, counts = snap.row_map()  # live spans in row order, as routing_keys returns its rows
-        mine = numbers % self._world == self._rank
-        rows = torch.from_numpy(numbers[mine].repeat(counts[mine]))
-        # Sized once and filled one router layer at a time: host memory peaks at one layer of keys (3.2 GB
-        # at 100M tokens and the MSA-4B geometry, not 57.6 GB), the index holds exactly this rank's rows and
-        # the content arena is allocated once (docs/engine.md, "Sizing").
-        index.reserve(rows.numel())
-        content.reserve(rows.numel())  # one content row per routing row (chunk)
-        if rows.numel():
-            row_mine = torch.from_numpy(mine.repeat(counts)) if self._world > 1 else None
-
-            def layer_keys() -> Iterator[torch.Tensor]:
-                for r in range(g.num_router_layers):
-                    keys = snap.routing_keys(r, damaged=damaged)[0]
-                    if row_mine is not None:
-                        keys = keys[row_mine]
-                    yield keys
-                    del keys  # before the next layer is read
-
-            index.add_rows(rows, layer_keys())
-        my_numbers = [int(n) for n in numbers[mine]]
-        for i in range(0, len(my_numbers), 1024):
-            kv = snap.content_kv([n for n in my_numbers[i : i + 1024] if n not in damaged], damaged=damaged)
-            content.add(list(kv), [t.to(cdt) for t in kv.values()])
-        if damaged:  # one damaged document must not stop the bank: it is left out of routing, and named
-            index.remove(list(damaged))
-            content.remove([n for n in damaged if n in content])
-            for reason in damaged.values():
-                log.info("skipping a damaged document: %s", reason)
-        self.damaged = damaged
-        self._index, self._content, self._index_version = index, content, snap.version
-        if self._group is not None:
-            from msabank.kernels.memory_parallel import ShardedRoutingIndex
-
-            self._router = ShardedRoutingIndex(index, group=self._group)
-        else:
-            self._router = index
-
-    def _mine(self, number: int) -> bool:
-        return number % self._world == self._rank
-
-    def _apply_changes(self, snap: Snapshot) -> None:
-        assert self._index is not None and self._content is not None
-        ch = snap.changes_since(self._index_version)
-        if ch.deleted_numbers:
-            self._index.remove(ch.deleted_numbers)
-            self._content.remove(ch.deleted_numbers)
-        for n in (*ch.deleted_numbers, *ch.upserted_numbers):
-            self.damaged.pop(n, None)  # a new version (or a delete) replaces the damaged one
-        mems = []
-        ups = []
-        for n in ch.upserted_numbers:
-            if not self._mine(n):
-                continue
-            try:
-                mems.append(snap.tensors(snap.user_id(n)))
-                ups.append(n)
-            except BankCorruptedError as err:
-                self.damaged[n] = str(err)
-                log.info("skipping a damaged document: %s", err)
-                if n in self._index:
-                    self._index.remove([n])
-                    self._content.remove([n])
-        if ups:
-            r = self.bank.geometry.num_router_layers
-            cdt = self.model.dtype
-            self._index.add(ups, [m.num_chunks for m in mems],
-                            [torch.cat([m.routing_keys[layer].flatten(1) for m in mems]).to(cdt) for layer in range(r)])
-            self._content.add(ups, [torch.stack([m.content_k, m.content_v], dim=2).transpose(0, 1).to(cdt)
-                                    for m in mems])  # (C, R, 2, Hkv, D)
-        self._index_version = ch.version
+    @property
+    def damaged(self) -> dict[int, str]:
+        """Documents left out of routing because their stored bytes are damaged (number -> the problem,
+        naming the document); `msabank verify --repair CORPUS` repairs them."""
+        return self._index.damaged
 
     def memory(self, snap: Snapshot | None = None) -> BankMemory:
         """Refresh the index to `snap` (default: the latest version) and return the view a generation uses."""
         self.refresh(snap)
-        return self._view(snap)
-
-    def _view(self, snap: Snapshot | None) -> BankMemory:
-        assert self._router is not None and self._content is not None, "refresh() first"
-        return BankMemory(self._router, self._content, self.model.config.top_k, snap)
+        return self._index.view(snap, self.model.config.top_k)
 
     def retrieve(self, question: str) -> builtins.list[Hit]:
         """Route the question alone (round 1) and return the documents the router layers selected."""
@@ -522,7 +376,7 @@ class Engine:
         with self.bank.snapshot() as snap:  # one consistent bank version for the whole batch
             t_start = time.perf_counter()
             t_refresh = self.refresh(snap)
-            mem = self._view(snap)
+            mem = self._index.view(snap, self.model.config.top_k)
             gen_t: dict[str, float] = {}
             answers = interleave.run(self.model, mem, SnapshotDocuments(snap, self.damaged), qs,
                                      limits=interleave.Limits(max_rounds, max_new_tokens, token_budget),

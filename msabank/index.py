@@ -8,20 +8,27 @@ is available) and copies the documents a question selects to the device on a sid
 Both grow by appends with capacity doubling, mask rows on delete or update (a document number whose
 rows are superseded keeps its number, DESIGN.md §1) and compact themselves once half their rows are
 dead, so refreshing after a bank change costs time proportional to the change. Neither knows about
-disk: the engine fills them from `msabank.storage` (`routing_keys`, `content_kv`).
+disk. `BankIndex` keeps the pair at one bank version (this rank's shard under memory parallel), filling
+it from a `msabank.storage` snapshot (`routing_keys`, `content_kv`, `changes_since`), and `BankMemory` is
+the `MemoryView` a generation reads it through.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Iterable, Sequence
+import time
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 
-from msabank.errors import DocumentNotFoundError, InputError
+from msabank.errors import BankCorruptedError, DocumentNotFoundError, InputError
 from msabank.kernels import routing_topk
 from msabank.types import Routed
+
+if TYPE_CHECKING:
+    from msabank.storage.records import Geometry
+    from msabank.storage.snapshot import Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -477,3 +484,180 @@ class ContentStore:
         idx = torch.from_numpy(rows)
         idx = idx.pin_memory().to(self.device, non_blocking=True) if self.pin else idx.to(self.device)
         return layer[:, 0].index_select(0, idx), layer[:, 1].index_select(0, idx)
+
+
+# ---------------------------------------------------------------------------------------------------
+# A bank's index, kept at one version
+
+
+class BankIndex:
+    """The routing index and content store of one bank at one bank version (this rank's shard).
+
+    `group`: a torch.distributed process group for memory parallel; this rank then holds the documents
+    `Shard.of(group)` owns and searches through `ShardedRoutingIndex` (collective).
+    """
+
+    def __init__(self, geometry: Geometry, *, dtype: torch.dtype, index_device: torch.device,
+                 content_device: torch.device, group: Any = None) -> None:
+        from msabank.kernels.memory_parallel import Shard
+
+        self.geometry = geometry
+        self.dtype = dtype
+        self.index_device = index_device
+        self.content_device = content_device
+        self.group = group
+        self.shard = Shard.of(group)
+        self.routing: RoutingIndex | None = None
+        self.content: ContentStore | None = None
+        self.router: Any = None  # RoutingIndex, or ShardedRoutingIndex under memory parallel
+        self.version = -1
+        self.damaged: dict[int, str] = {}
+        """Documents left out of routing because their stored bytes are damaged (number -> the problem)."""
+
+    def refresh(self, snap: Snapshot) -> None:
+        """Bring both stores to `snap`'s version: the first call loads every live document (bulk routing-key
+        reads, one per router layer); later calls apply only the changes since (new rows appended,
+        superseded rows masked)."""
+        if self.routing is None:
+            self._load(snap)
+        elif snap.version != self.version:
+            self._apply_changes(snap)
+
+    @property
+    def num_rows(self) -> int:
+        """Live routing rows (chunks) held by this rank; 0 before the first refresh."""
+        return self.routing.num_rows if self.routing is not None else 0
+
+    @property
+    def num_docs(self) -> int:
+        """Documents with live rows held by this rank; 0 before the first refresh."""
+        return len(self.routing) if self.routing is not None else 0
+
+    def view(self, snap: Snapshot | None, top_k: int) -> BankMemory:
+        """The `MemoryView` over the stores (refresh first); `snap` serves other ranks' documents."""
+        assert self.router is not None and self.content is not None, "refresh() first"
+        return BankMemory(self.router, self.content, top_k, snap)
+
+    def _load(self, snap: Snapshot) -> None:
+        g, cdt = self.geometry, self.dtype
+        damaged: dict[int, str] = {}
+        index = RoutingIndex(g.num_router_layers, g.row_width, device=self.index_device, dtype=cdt)
+        content = ContentStore(g.num_router_layers, g.num_kv_heads, g.head_dim, device=self.content_device, dtype=cdt)
+        numbers, _, counts = snap.row_map()  # live spans in row order, as routing_keys returns its rows
+        mine = self.shard.owns_each(numbers)
+        rows = torch.from_numpy(numbers[mine].repeat(counts[mine]))
+        # Sized once and filled one router layer at a time: host memory peaks at one layer of keys (3.2 GB
+        # at 100M tokens and the MSA-4B geometry, not 57.6 GB), the index holds exactly this rank's rows and
+        # the content arena is allocated once (docs/engine.md, "Sizing").
+        index.reserve(rows.numel())
+        content.reserve(rows.numel())  # one content row per routing row (chunk)
+        if rows.numel():
+            row_mine = torch.from_numpy(mine.repeat(counts)) if self.shard.world > 1 else None
+
+            def layer_keys() -> Iterator[torch.Tensor]:
+                for r in range(g.num_router_layers):
+                    keys = snap.routing_keys(r, damaged=damaged)[0]
+                    if row_mine is not None:
+                        keys = keys[row_mine]
+                    yield keys
+                    del keys  # before the next layer is read
+
+            index.add_rows(rows, layer_keys())
+        my_numbers = [int(n) for n in numbers[mine]]
+        for i in range(0, len(my_numbers), 1024):
+            kv = snap.content_kv([n for n in my_numbers[i : i + 1024] if n not in damaged], damaged=damaged)
+            content.add(list(kv), [t.to(cdt) for t in kv.values()])
+        if damaged:  # one damaged document must not stop the bank: it is left out of routing, and named
+            index.remove(list(damaged))
+            content.remove([n for n in damaged if n in content])
+            for reason in damaged.values():
+                log.info("skipping a damaged document: %s", reason)
+        self.damaged = damaged
+        self.routing, self.content, self.version = index, content, snap.version
+        if self.group is not None:
+            from msabank.kernels.memory_parallel import ShardedRoutingIndex
+
+            self.router = ShardedRoutingIndex(index, group=self.group)
+        else:
+            self.router = index
+
+    def _apply_changes(self, snap: Snapshot) -> None:
+        assert self.routing is not None and self.content is not None
+        ch = snap.changes_since(self.version)
+        if ch.deleted_numbers:
+            self.routing.remove(ch.deleted_numbers)
+            self.content.remove(ch.deleted_numbers)
+        for n in (*ch.deleted_numbers, *ch.upserted_numbers):
+            self.damaged.pop(n, None)  # a new version (or a delete) replaces the damaged one
+        mems, ups = [], []
+        for n in ch.upserted_numbers:
+            if not self.shard.owns(n):
+                continue
+            try:
+                mems.append(snap.tensors(snap.user_id(n)))
+                ups.append(n)
+            except BankCorruptedError as err:
+                self.damaged[n] = str(err)
+                log.info("skipping a damaged document: %s", err)
+                if n in self.routing:
+                    self.routing.remove([n])
+                    self.content.remove([n])
+        if ups:
+            r, cdt = self.geometry.num_router_layers, self.dtype
+            self.routing.add(ups, [m.num_chunks for m in mems],
+                             [torch.cat([m.routing_keys[layer].flatten(1) for m in mems]).to(cdt) for layer in range(r)])
+            self.content.add(ups, [torch.stack([m.content_k, m.content_v], dim=2).transpose(0, 1).to(cdt)
+                                   for m in mems])  # (C, R, 2, Hkv, D)
+        self.version = ch.version
+
+
+class BankMemory:
+    """`MemoryView` over the routing index and the content store (one consistent bank version).
+
+    `router` is a `RoutingIndex`, or a `ShardedRoutingIndex` when several ranks each hold a shard (memory
+    parallel): then documents another rank owns are read from the bank snapshot on demand (once per
+    question). Accumulates the wall time of routing and of content fetches (device-synchronised on CUDA,
+    where the work is asynchronous) so `ask` can report time by stage.
+    """
+
+    def __init__(self, router: Any, content: ContentStore, top_k: int, snap: Snapshot | None = None) -> None:
+        self.router = router
+        self.content = content
+        self.top_k = top_k
+        self.snap = snap
+        self.route_s = 0.0
+        self.fetch_s = 0.0
+        self._remote: dict[int, torch.Tensor] = {}  # number -> (C, R, 2, Hkv, D) on the device
+        self._cuda = content.device.type == "cuda"
+
+    def _sync(self) -> None:
+        if self._cuda:
+            torch.cuda.synchronize()
+
+    def route(self, layer_index: int, query: torch.Tensor) -> Routed:
+        t = time.perf_counter()
+        out = self.router.search(layer_index, query, self.top_k)  # returns CPU tensors: already synced
+        self.route_s += time.perf_counter() - t
+        return out
+
+    def content_kv(self, layer_index: int, numbers: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        t = time.perf_counter()
+        nums = sorted(int(n) for n in numbers)
+        if all(n in self.content for n in nums):
+            out = self.content.fetch(layer_index, nums)
+        else:  # memory parallel: some documents live in another rank's shard
+            parts = [self.content.fetch(layer_index, [n]) if n in self.content else self._remote_kv(layer_index, n)
+                     for n in nums]
+            out = (torch.cat([k for k, _ in parts]), torch.cat([v for _, v in parts]))
+        self._sync()
+        self.fetch_s += time.perf_counter() - t
+        return out
+
+    def _remote_kv(self, layer_index: int, number: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if number not in self._remote:
+            if self.snap is None:
+                raise DocumentNotFoundError(f"#{number}")
+            kv = self.snap.content_kv([number])[number]
+            self._remote[number] = kv.to(self.content.device, self.content.dtype)
+        kv = self._remote[number]
+        return kv[:, layer_index, 0], kv[:, layer_index, 1]

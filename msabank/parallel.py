@@ -35,7 +35,7 @@ def spawned_ask(rank: int, world: int, port: int, bank: str, question: str, max_
     init_tcp(rank, world, port, backend="gloo", timeout_s=60)
     with Engine.open(bank, readonly=True, device="cpu", group=dist.group.WORLD) as eng:
         ans = eng.ask(question, max_rounds=1, max_new_tokens=max_new_tokens)
-        local = eng._index.numbers() if eng._index is not None else []
+        local = eng._index.routing.numbers() if eng._index.routing is not None else []
     Path(f"{out}.{rank}").write_text(json.dumps({"answer": dataclasses.asdict(ans), "local": local}))
     dist.destroy_process_group()
 

@@ -55,12 +55,12 @@ def test_update_equals_reencoding_from_scratch(tmp_path: Path, golden: Path) -> 
     with _build(tmp_path / "a", golden, "p4") as a:
         before = {f"doc{i}": a.bank.tensors(f"doc{i}") for i in range(len(docs))}
         a.ask(q, max_rounds=0, max_new_tokens=2)  # warm the index so the update goes through refresh
-        index_obj = a._index
+        index_obj = a._index.routing
         rep = a.update("doc0", new_text)
         assert (rep.added, rep.updated, rep.unchanged) == (0, 1, 0)
         assert a.get("doc0").version == 2 and a.get("doc0").number == 0
         ans_a = a.ask(q, max_rounds=1, max_new_tokens=6)
-        assert a._index is index_obj, "the index must be refreshed in place, not rebuilt"
+        assert a._index.routing is index_obj, "the index must be refreshed in place, not rebuilt"
         after = {f"doc{i}": a.bank.tensors(f"doc{i}") for i in range(len(docs))}
         texts = list(docs)
         texts[0] = new_text
@@ -205,14 +205,14 @@ def test_index_load_is_sized_exactly(tmp_path: Path, golden: Path, monkeypatch: 
         eng.refresh()
         assert len(eng.model.config.router_layers) > 1 and peak[0] == 1  # one layer of keys in host memory at a time
         live = sum(rec.num_chunks for rec in eng.bank.list(text=False))
-        assert eng._index.num_rows == live and eng._index._capacity == live
-        arena_rows = eng._content._arena.shape[0]
+        assert eng._index.routing.num_rows == live and eng._index.routing._capacity == live
+        arena_rows = eng._index.content._arena.shape[0]
         assert live <= arena_rows < 2 * max(live, 1)  # one power-of-two block, no growth on the way
         # a later update appends in place (a quarter more room at most), still serving the right rows
         eng.update("doc2", "Another replacement, long enough to take several chunks. " * 6)
         eng.refresh()
         live = sum(rec.num_chunks for rec in eng.bank.list(text=False))
-        assert eng._index.num_rows == live
+        assert eng._index.routing.num_rows == live
 
 
 def test_ask_batch_equals_ask_one_at_a_time(tmp_path: Path, golden: Path) -> None:
