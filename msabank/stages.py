@@ -307,7 +307,7 @@ class InMemoryMemory:
 
 
 @dataclass(frozen=True, slots=True)
-class Batch:
+class PaddedPrompts:
     """Left-padded prompts (spec §7.7)."""
 
     input_ids: torch.Tensor
@@ -320,7 +320,7 @@ class Batch:
     """(B, T) int64: first_position + i for the i-th real token; padding repeats first_position."""
 
 
-def pad_batch(prompts: Sequence[Prompt], *, pad_id: int, first_position: int) -> Batch:
+def pad_batch(prompts: Sequence[Prompt], *, pad_id: int, first_position: int) -> PaddedPrompts:
     t = max(len(p.ids) for p in prompts)
     b = len(prompts)
     ids = torch.full((b, t), pad_id, dtype=torch.long)
@@ -333,7 +333,7 @@ def pad_batch(prompts: Sequence[Prompt], *, pad_id: int, first_position: int) ->
         att[i, t - n :] = True
         route[i, t - n :] = torch.tensor(p.routing_mask, dtype=torch.bool)
         pos[i, t - n :] = torch.arange(first_position, first_position + n)
-    return Batch(ids, att, route, pos)
+    return PaddedPrompts(ids, att, route, pos)
 
 
 @dataclass(slots=True)
@@ -351,7 +351,7 @@ class LayerCache:
 
 
 @dataclass(slots=True)
-class Generation:
+class Generated:
     """What `generate` returns; everything is per sample, in prompt order."""
 
     tokens: list[list[int]]
@@ -401,7 +401,7 @@ def _choose(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.G
 
 def _prefill(
     model: MSAModel,
-    batch: Batch,
+    batch: PaddedPrompts,
     memory: MemoryView,
     template: tuple[torch.Tensor, torch.Tensor],
     max_new_tokens: int,
@@ -517,7 +517,7 @@ def generate(
     keep_cache: bool = False,
     trace: Trace | None = None,
     timings: dict[str, float] | None = None,
-) -> Generation:
+) -> Generated:
     """Route, prefill and decode one prompt or a left-padded batch of prompts (spec §4, §5).
 
     prompt_ids: one prompt (list of ids), several, or `Prompt`s (which carry their routing masks).
@@ -546,7 +546,7 @@ def generate(
         template = template if template is not None else template_prefix(model)
         t0 = template[0].shape[2]
         batch = pad_batch(prompts, pad_id=tok.pad_id, first_position=t0 + model.config.top_k)
-        batch = Batch(*(x.to(model.device) for x in (batch.input_ids, batch.attention_mask, batch.routing_mask, batch.positions)))
+        batch = PaddedPrompts(*(x.to(model.device) for x in (batch.input_ids, batch.attention_mask, batch.routing_mask, batch.positions)))
         t_start = time.perf_counter()
         caches, routed, logits = _prefill(model, batch, memory, template, max(limits), on_route, trace, selected)
         first = logits.cpu()  # synchronises the device
@@ -576,7 +576,7 @@ def generate(
     if timings is not None:
         timings["prefill_s"] = timings.get("prefill_s", 0.0) + t_prefill - t_start
         timings["decode_s"] = timings.get("decode_s", 0.0) + time.perf_counter() - t_prefill  # nxt.tolist() synced
-    return Generation(
+    return Generated(
         tokens=tokens,
         finish_reasons=["stop" if d else "length" for d in stopped],
         routed=routed,

@@ -134,7 +134,7 @@ class _Scripted:
         routed = (selected[0] if selected and selected[0] is not None else
                   [memory.route(r, torch.zeros(1, model.config.num_kv_heads * model.config.head_dim))
                    for r in range(len(model.config.router_layers))])
-        return stages.Generation(tokens=[ids], finish_reasons=["stop"], routed=[routed], first_logits=torch.zeros(1, 1))
+        return stages.Generated(tokens=[ids], finish_reasons=["stop"], routed=[routed], first_logits=torch.zeros(1, 1))
 
 
 def test_document_text_cannot_inject_control_tokens(tmp_path: Path, golden: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -243,7 +243,7 @@ def test_questions_that_finish_leave_the_batch(tmp_path: Path, golden: Path, mon
             out.append(tok.encode_trusted(script[q].pop(0)))
         routed = [[memory.route(r, torch.zeros(1, model.config.num_kv_heads * model.config.head_dim))
                    for r in range(len(model.config.router_layers))] for _ in prompts]
-        return stages.Generation(tokens=out, finish_reasons=["stop"] * len(out), routed=routed,
+        return stages.Generated(tokens=out, finish_reasons=["stop"] * len(out), routed=routed,
                                  first_logits=torch.zeros(len(out), 1))
 
     with _build(tmp_path, golden, "p4") as eng:
