@@ -231,7 +231,9 @@ class Engine:
 
     def _put(self, items: Sequence[tuple[str, str]]) -> tuple[WriteReport, int]:
         _validate_items(items)
-        planned = self.bank.plan(items)
+        return self._write(self.bank.plan(items))
+
+    def _write(self, planned: Sequence[Planned]) -> tuple[WriteReport, int]:
         writes = self.encode(planned)
         report = self.bank.write(writes)
         unchanged = sum(p.action == "unchanged" for p in planned)
@@ -272,9 +274,13 @@ class Engine:
         return WriteReport(r.added, r.updated, r.unchanged, d.deleted, d.version)
 
     def update(self, doc_id: str, text: str) -> WriteReport:
-        """Re-encode one existing document under its number (new version)."""
-        self.bank.get(doc_id)  # DocumentNotFoundError for an unknown id
-        return self.put([(doc_id, text)])
+        """Re-encode one existing document under its number (new version). Two bank reads: the plan (which
+        also says whether the id is live) and the write's own check under the writer lock."""
+        _validate_items([(doc_id, text)])
+        planned = self.bank.plan([(doc_id, text)])
+        if planned[0].action == "add":  # unknown, or deleted
+            raise DocumentNotFoundError(doc_id)
+        return self._write(planned)[0]
 
     def delete(self, doc_ids: Sequence[str]) -> WriteReport:
         """Tombstone documents; an id that is not live raises DocumentNotFoundError and nothing is committed.
