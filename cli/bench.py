@@ -1,7 +1,7 @@
 """`msabank bench routing|fetch|all|storage`: routing latency vs bank size, content-fetch bandwidth, and
-the storage benchmark (`msabank.storage.bench`).
+the storage benchmark (all in `msabank.bench`).
 
-Parse, call `msabank.bench.run`, render a short table; the JSON (and PNG plot) land in --out.
+Parse, call `msabank.bench.routing.run`, render a short table; the JSON (and PNG plot) land in --out.
 """
 
 from __future__ import annotations
@@ -39,14 +39,14 @@ def bench(
     docs: int = typer.Option(2000, "--docs", help="lifecycle: synthetic documents to ingest."),
 ) -> None:
     """Benchmark routing and content fetch (vs bank size, against measured floors), storage, or the whole lifecycle."""
-    from msabank.bench import parse_tokens, run
+    from msabank.bench.routing import parse_tokens, run
     from msabank.cli._render import err_console, out_console
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if what is What.lifecycle:
         import json
 
-        from msabank.bench_lifecycle import run_lifecycle_bench
+        from msabank.bench.lifecycle import run_lifecycle_bench
 
         out.mkdir(parents=True, exist_ok=True)
         res = run_lifecycle_bench(model=model, docs=docs, device=device)
@@ -60,7 +60,7 @@ def bench(
                           f"commit→answer {u['commit_to_answer_s'] * 1000:.0f} ms")
         return
     if what is What.storage:
-        from msabank.storage.bench import run_storage_bench
+        from msabank.bench.storage import run_storage_bench
 
         out.mkdir(parents=True, exist_ok=True)
         run_storage_bench(out / "bench_storage.json", log=err_console.print)

@@ -7,7 +7,7 @@ import json
 
 import torch
 
-from msabank.bench import SyntheticShard, parse_tokens, run
+from msabank.bench.routing import SyntheticShard, parse_tokens, run
 from msabank.kernels import routing_topk
 from msabank.kernels.reference import topk_ordered
 
