@@ -23,9 +23,9 @@ import torch
 from msabank import interleave
 from msabank import prompt as P
 from msabank import stages
-from msabank.errors import (BankAccessError, BankCorruptedError, BankError, BankExistsError, BankFormatError,
+from msabank.errors import (BankAccessError, BankError, BankExistsError, BankFormatError,
                             BankNotFoundError, ConfigError, DocumentNotFoundError, InputError)
-from msabank.index import BankIndex, BankMemory
+from msabank.index import BankIndex, BankMemory, SnapshotDocuments
 from msabank.interleave import Answer, Hit, Round
 from msabank.checkpoint import fingerprint
 from msabank.model import MSAModel, load_model
@@ -83,38 +83,6 @@ def pick_device(device: str | None) -> torch.device:
             raise ConfigError(f"device {device!r}: this machine has {count} CUDA device(s)",
                               hint=f"use cuda:0 .. cuda:{count - 1}")
     return dev
-
-
-# ---------------------------------------------------------------------------------------------------
-# The documents a question sees
-
-
-class SnapshotDocuments:
-    """`interleave.Documents` over one bank snapshot: names and texts by document number."""
-
-    def __init__(self, snap: Snapshot, damaged: dict[int, str] | None = None) -> None:
-        self.snap = snap
-        self.damaged = damaged if damaged is not None else {}
-        """Documents skipped as damaged (number -> reason); a damaged text found here is added."""
-
-    def __len__(self) -> int:
-        return int(self.snap.state.live_docs)
-
-    def user_ids(self, numbers: Sequence[int]) -> dict[int, str]:
-        return {n: self.snap.user_id(n) for n in numbers}
-
-    def texts(self, numbers: Sequence[int]) -> dict[int, tuple[str, str]]:
-        out: dict[int, tuple[str, str]] = {}
-        for n in numbers:
-            try:
-                rec = self.snap.get(self.snap.user_id(n))
-            except DocumentNotFoundError:  # never existed, or deleted
-                continue
-            except BankCorruptedError as err:  # its text fails its hash: never injected
-                self.damaged.setdefault(n, str(err))
-                continue
-            out[n] = (rec.user_id, rec.text)
-        return out
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -661,3 +661,31 @@ class BankMemory:
             self._remote[number] = kv.to(self.content.device, self.content.dtype)
         kv = self._remote[number]
         return kv[:, layer_index, 0], kv[:, layer_index, 1]
+
+
+class SnapshotDocuments:
+    """`interleave.Documents` over one bank snapshot: names and texts by document number."""
+
+    def __init__(self, snap: Snapshot, damaged: dict[int, str] | None = None) -> None:
+        self.snap = snap
+        self.damaged = damaged if damaged is not None else {}
+        """Documents skipped as damaged (number -> reason); a damaged text found here is added."""
+
+    def __len__(self) -> int:
+        return int(self.snap.state.live_docs)
+
+    def user_ids(self, numbers: Sequence[int]) -> dict[int, str]:
+        return {n: self.snap.user_id(n) for n in numbers}
+
+    def texts(self, numbers: Sequence[int]) -> dict[int, tuple[str, str]]:
+        out: dict[int, tuple[str, str]] = {}
+        for n in numbers:
+            try:
+                rec = self.snap.get(self.snap.user_id(n))
+            except DocumentNotFoundError:  # never existed, or deleted
+                continue
+            except BankCorruptedError as err:  # its text fails its hash: never injected
+                self.damaged.setdefault(n, str(err))
+                continue
+            out[n] = (rec.user_id, rec.text)
+        return out
