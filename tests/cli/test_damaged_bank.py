@@ -9,20 +9,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from msabank.cli.main import app
+from _cli import run
 
-runner = CliRunner()
-
-
-def run(*args: object, ok: bool = True, env: dict[str, str] | None = None):  # noqa: ANN201
-    res = runner.invoke(app, [str(a) for a in args], env=env)
-    if ok:
-        assert res.exit_code == 0, f"{args}: {res.output}\n{res.exception!r}"
-    assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
-    assert "Traceback" not in res.output
-    return res
 
 
 @pytest.fixture(scope="module")
