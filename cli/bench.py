@@ -1,5 +1,6 @@
-"""`msabank bench routing|fetch|all|storage`: routing latency vs bank size, content-fetch bandwidth, and
-the storage benchmark (all in `msabank.bench`).
+"""`msabank bench routing|fetch|all|storage|lifecycle|e2e`: routing latency vs bank size, content-fetch
+bandwidth, the storage benchmark, the engine lifecycle, and end to end at a model geometry (all in
+`msabank.bench`).
 
 Parse, call `msabank.bench.routing.run`, render a short table; the JSON (and PNG plot) land in --out.
 """
@@ -20,11 +21,13 @@ class What(str, Enum):
     all = "all"
     storage = "storage"
     lifecycle = "lifecycle"
+    e2e = "e2e"
 
 
 def bench(
-    what: What = typer.Argument(..., help="routing, fetch, all (routing + fetch), storage, or lifecycle (ingest tokens/s, ask latency by "
-                    "stage, update-to-visible time, with the embedded model or --model)."),
+    what: What = typer.Argument(..., help="routing, fetch, all (routing + fetch), storage, lifecycle (ingest tokens/s, ask latency by "
+                    "stage, update-to-visible time, with the embedded model or --model), or e2e (time to first token, "
+                    "decode, ingest at a model geometry, each beside its floor and an official-style path)."),
     out: Path = typer.Option(Path("bench-out"), "--out", envvar="OUT", help="Folder for bench_*.json and the plot."),
     sizes: str = typer.Option("1M,10M,100M", "--sizes", help="Synthetic bank sizes in tokens (MSA-4B geometry)."),
     q_tokens: str = typer.Option("64,512", "--q-tokens", help="Routing-query lengths in tokens."),
@@ -37,8 +40,22 @@ def bench(
     memory_parallel: bool = typer.Option(False, "--memory-parallel", help="Time the NCCL path even for --gpus 1."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="lifecycle: checkpoint (default: embedded)."),
     docs: int = typer.Option(2000, "--docs", help="lifecycle: synthetic documents to ingest."),
+    geometry: str = typer.Option("msa-4b", "--geometry", help="e2e: msa-4b or tiny (random weights built in memory), "
+                                 "or embedded (the shipped model); --model DIR overrides it."),
+    bank_tokens: Optional[str] = typer.Option(None, "--bank-tokens", help="e2e: bank size in tokens (default 100M; "
+                                              "tiny 20K), real encodings plus synthetic routing keys."),
+    real_tokens: Optional[str] = typer.Option(None, "--real-tokens", help="e2e: tokens of real stage-1 encodings "
+                                              "in the bank (default 1M; tiny 2K); also the stage-1-alone figure."),
+    ingest_tokens: Optional[str] = typer.Option(None, "--ingest-tokens", help="e2e: tokens ingested through the "
+                                                "engine into a temp bank (default 256K; tiny 1K)."),
+    batches: str = typer.Option("1,8,32", "--batches", help="e2e: decode batch sizes."),
+    new_tokens: int = typer.Option(32, "--new-tokens", help="e2e: tokens decoded per batch (no stop)."),
+    questions: Optional[int] = typer.Option(None, "--questions", help="e2e: questions timed for time to first "
+                                            "token (median; default 5, tiny 2)."),
+    question_tokens: int = typer.Option(64, "--question-tokens", help="e2e: tokens per question prompt."),
 ) -> None:
-    """Benchmark routing and content fetch (vs bank size, against measured floors), storage, or the whole lifecycle."""
+    """Benchmark routing and content fetch (vs bank size, against measured floors), storage, the whole lifecycle, or
+    end to end at a model geometry (e2e)."""
     from msabank.bench.routing import parse_tokens, run
     from msabank.cli._render import err_console, out_console
 
@@ -58,6 +75,21 @@ def bench(
                           ("refresh", "route", "fetch", "prefill", "decode", "total")) + f"; rounds {a['rounds']}")
         out_console.print(f"update: commit {u['commit_s'] * 1000:.0f} ms, index refresh {u['refresh_s'] * 1000:.1f} ms, "
                           f"commit→answer {u['commit_to_answer_s'] * 1000:.0f} ms")
+        return
+    if what is What.e2e:
+        import json
+
+        from msabank.bench.e2e import render, run_e2e_bench
+
+        res = run_e2e_bench(geometry=geometry, model=model, bank_tokens=bank_tokens, real_tokens=real_tokens,
+                            ingest_tokens=ingest_tokens, batches=batches, new_tokens=new_tokens, questions=questions,
+                            question_tokens=question_tokens, device=device,
+                            log_fn=lambda line: err_console.print(line, markup=False))
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bench_e2e.json").write_text(json.dumps(res, indent=2))
+        for line in render(res):
+            out_console.print(line, markup=False, highlight=False, soft_wrap=True)
+        err_console.print(f"results in {out / 'bench_e2e.json'}", markup=False)
         return
     if what is What.storage:
         from msabank.bench.storage import run_storage_bench

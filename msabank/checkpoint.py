@@ -133,7 +133,7 @@ def save_checkpoint(
     return out
 
 
-def fingerprint(model_dir: Path, model: MSAModel, storage_dtype: str, cache: dict[str, Any] | None = None) -> str:
+def fingerprint(model_dir: Path | None, model: MSAModel, storage_dtype: str, cache: dict[str, Any] | None = None) -> str:
     """The sha256 that binds a bank to its checkpoint (`Bank.create`/`Bank.open(fingerprint=)`): config
     (incl. msa_config), tokenizer.json, the prompt template version, the weight files' bytes and the
     storage dtype: everything that changes a bank's bytes or its routing.
@@ -141,7 +141,7 @@ def fingerprint(model_dir: Path, model: MSAModel, storage_dtype: str, cache: dic
     The compute dtype is deliberately left out: a bank is served by the same checkpoint on CPU (float32)
     and GPU (bf16). sha256 runs at ~1.4 GB/s on one core of the dev box (measured), so hashing MSA-4B's
     ~8.5 GB of weights costs ~6 s: `cache` (kept in the bank's engine.json) maps each weight file's
-    name:size:mtime to its hash.
+    name:size:mtime to its hash. `model_dir` None: a model built in memory, no weight files to hash.
     """
     cache = {} if cache is None else cache
     h = hashlib.sha256()
@@ -151,7 +151,7 @@ def fingerprint(model_dir: Path, model: MSAModel, storage_dtype: str, cache: dic
         raise ConfigError("the model has no tokenizer", hint="load it with msabank.model.load_model(path)")
     h.update(model.tokenizer.json_bytes)
     h.update(storage_dtype.encode())
-    for f in sorted(Path(model_dir).glob("*.safetensors")):
+    for f in sorted(Path(model_dir).glob("*.safetensors")) if model_dir is not None else []:
         st = f.stat()
         key = f"{f.name}:{st.st_size}:{st.st_mtime_ns}"
         if key not in cache:

@@ -40,6 +40,7 @@ log = logging.getLogger("msabank.engine")
 
 ENGINE_FILE = "engine.json"  # which model serves the bank (a hint; the fingerprint is what binds)
 DEFAULT_MODEL = "default"
+IN_MEMORY = "(a model built in memory, no checkpoint directory)"  # engine.json of `Engine.create(loaded=)`
 
 Progress = Callable[[int, int], None]
 """progress(documents_done, tokens_encoded), called after each committed batch (unchanged documents are
@@ -107,16 +108,24 @@ class Engine:
 
     @classmethod
     def create(cls, path: str | Path, model: str | Path | None = None, *, dtype: str | None = None,
-               device: str | None = None) -> Engine:
-        """Create a new bank at `path` bound to `model` (a checkpoint directory; None: the default)."""
+               device: str | None = None, loaded: MSAModel | None = None) -> Engine:
+        """Create a new bank at `path` bound to `model` (a checkpoint directory; None: the default).
+
+        `loaded`: bind this already-loaded model instead (with `model` None), e.g. the e2e benchmark's
+        random-weight MSA-4B geometry, which has no weight files: the fingerprint then covers its config,
+        tokenizer and storage dtype but no weights, and engine.json names no checkpoint, so `Engine.open`
+        refuses the bank unless given a model (`--model`) with the same fingerprint."""
         path = Path(path)
         if path.exists():
             raise BankExistsError(f"{path} already exists",
                                   hint="ingest into or ask the bank that is there, or pick another path")
         if dtype is not None and dtype not in STORAGE_DTYPES:
             raise ConfigError(f"unknown storage dtype {dtype!r}", hint=f"use one of {', '.join(STORAGE_DTYPES)}")
-        mpath = resolve_model_path(model)
-        m = load_model(mpath, device=pick_device(device))
+        if loaded is not None and model is not None:
+            raise ConfigError("pass a checkpoint directory (model) or a loaded model (loaded), not both")
+        mpath = resolve_model_path(model) if loaded is None else None
+        m = load_model(mpath, device=pick_device(device)) if mpath is not None else loaded
+        assert m is not None
         cfg = m.config
         storage_dtype = dtype or _dtype_name(cfg.torch_dtype)
         geometry = Geometry(
@@ -130,7 +139,8 @@ class Engine:
         fp = fingerprint(mpath, m, storage_dtype, cache)
         with _bank_io(path, "create"):
             bank = Bank.create(path, geometry, fp, tk.to("cpu", sdt), tv.to("cpu", sdt))
-        meta = {"model": DEFAULT_MODEL if model is None else str(mpath.resolve()), "dtype": storage_dtype,
+        name = IN_MEMORY if mpath is None else DEFAULT_MODEL if model is None else str(mpath.resolve())
+        meta = {"model": name, "dtype": storage_dtype,
                 "weights_sha256": cache}
         try:
             with _bank_io(path, "create"):
