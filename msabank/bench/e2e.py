@@ -174,6 +174,8 @@ def build_model(geometry: str, device: torch.device, *, seed: int = 0) -> MSAMod
         model = MSAModel(cfg, tok)
     model = model.to(torch.bfloat16 if device.type == "cuda" else torch.float32)
     model.tie_weights()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the fp32 originals (17 GB at msa-4b) go back before the 57.6 GB index
     model.stop_ids = ()  # a random model has no EOS worth stopping at; decode runs a fixed number of tokens
     return model.eval()
 
@@ -767,7 +769,7 @@ def _ingest(model: MSAModel, tokens: int, *, seed: int, batch_size: int = 64) ->
         seconds = time.perf_counter() - t
         st = eng.stats()
         lengths = [len(x) for x in stages.document_token_ids(model, [(i + 4, txt) for i, (_, txt) in enumerate(docs[4:])])]
-        return {"documents": rep.added, "tokens": sum(lengths), "seconds": seconds,
+        return {"documents": rep.added, "tokens": sum(lengths), "seconds": seconds, "batch_size": batch_size,
                 "flops": stage1_flops(model.config, lengths), "bank_tokens": st.tokens,
                 "tensor_bytes_per_token": st.tensor_bytes_on_disk / max(1, st.tokens)}
 
