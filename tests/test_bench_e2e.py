@@ -16,7 +16,8 @@ from msabank import stages
 from msabank.bench import e2e
 from msabank.errors import ConfigError, InputError, MsabankError
 
-ROWS = {"ttft", "ttft.routing", "ttft.fetch", "ttft.prefill", "decode.b1", "decode.b2", "stage1", "ingest"}
+TTFT = [f"ttft.{r}{part}" for r in ("r1", "r2") for part in ("", ".routing", ".fetch", ".prefill")]
+ROWS = {*TTFT, "decode.b1", "decode.b2", "stage1", "ingest"}
 SMALL = dict(geometry="tiny", device="cpu", bank_tokens="6K", real_tokens=800, ingest_tokens=300, batches="1,2",
              new_tokens=3, questions=1)
 
@@ -24,7 +25,7 @@ SMALL = dict(geometry="tiny", device="cpu", bank_tokens="6K", real_tokens=800, i
 def _check_rows(res: dict) -> None:
     names = {(r["name"], r["path"]) for r in res["rows"]}
     assert {n for n, _ in names} == ROWS
-    for name in ("ttft", "ttft.routing", "ttft.fetch", "ttft.prefill", "decode.b1", "decode.b2"):
+    for name in (*TTFT, "decode.b1", "decode.b2"):
         assert (name, "official-style") in names and (name, "msabank") in names
     for r in res["rows"]:
         assert r["measured"] > 0 and r["floor"] > 0, r
@@ -39,7 +40,8 @@ def test_tiny_run_through_the_python_function() -> None:
     bank = res["bank"]
     assert bank["shared_content_pool"] and bank["real_tokens"] >= 800 and bank["synthetic_documents"] > 0
     assert 6000 <= bank["tokens_equivalent"] < 6000 + 16 * 8  # tiny chunks are 16 tokens; a doc overshoots by < 8 chunks
-    assert set(res["speedup_vs_official"]) == {"ttft", "decode.b1", "decode.b2"}
+    assert set(res["speedup_vs_official"]) == {"ttft.r1", "ttft.r2", "decode.b1", "decode.b2"}
+    assert res["round2_tokens"] > res["question_tokens"] + 10  # the named documents' text is appended
     json.dumps(res)  # JSON-able as written
 
 
@@ -73,6 +75,13 @@ def test_official_style_path_decodes_the_same_greedy_tokens(tiny: tuple) -> None
         assert [r.numbers.tolist() for r in a] == [r.numbers.tolist() for r in b]
     chosen = {int(n) for sample in want.routed for r in sample for n in r.numbers}
     assert any(n >= mem.real_docs for n in chosen), "no synthetic document was ever routed to"
+    # round 2: the question, the two documents it named, their text appended and routing
+    second = [e2e.round2_prompt(model, p, mem, sel) for p, sel in zip(prompts, want.routed)]
+    for p, q in zip(prompts, second):
+        assert q.ids[: len(p.ids)] == p.ids and sum(q.routing_mask) > sum(p.routing_mask)
+        assert not any(q.routing_mask[len(p.ids) :len(p.ids) + 3])  # the names the "model" wrote do not route
+    want2 = stages.generate(model, second, mem.view(), max_new_tokens=4, stop_ids=(), template=template)
+    assert e2e.official_generate(model, second, mem.official_view(), template, 4).tokens == want2.tokens
 
 
 def test_synthetic_documents_share_real_content_and_look_like_real_keys(tiny: tuple) -> None:

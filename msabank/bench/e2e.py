@@ -634,6 +634,62 @@ def _decode_floor(fl: dict[str, Any], mem: BenchMemory, model: MSAModel, prompts
     return (wbytes + kv) / fl["hbm_Bps"]
 
 
+def round2_prompt(model: MSAModel, first: Prompt, mem: BenchMemory, routed: Sequence[Routed], *, docs: int = 2) -> Prompt:
+    """An interleave round-2 prompt (msabank.interleave, spec §6.2-6.4): the round-1 prompt, the model naming
+    the first `docs` documents round 1 routed to (`[n]…<|object_ref_end|>`, written here: a random model names
+    nothing), then their text appended; the question block and the appended documents route."""
+    from msabank import prompt as P
+
+    tok = model.tokenizer
+    assert tok is not None
+    picked: list[int] = []
+    for sel in routed:
+        picked += [int(n) for n in sel.numbers.tolist() if int(n) not in picked]
+    picked = picked[:docs]
+    ids = list(first.ids) + tok.encode("".join(f"[{n}]" for n in picked)) + [tok.object_ref_end_id]
+    start = len(ids)
+    ids += P.injection_ids(tok, [(n, mem.texts[mem.source(n)]) for n in picked])
+    mask = P.round_routing_mask(P.later_round_question_mask(tok, first), len(ids), (start, len(ids) - 1))
+    return Prompt(ids=ids, routing_mask=mask)
+
+
+def _ttft(m: MSAModel, mem: BenchMemory, prompts: Sequence[Prompt], rnd: str, rows: list[dict[str, Any]],
+          speed: dict[str, float], fl: dict[str, Any], template: tuple[torch.Tensor, torch.Tensor], wbytes: int
+          ) -> list[list[Routed]]:
+    """Time to first token of each prompt alone on both paths (medians), split into routing, fetch and
+    prefill; appends the rows and the speed-up; returns the product's selections."""
+    t0 = template[0].shape[2]
+    per: list[dict[str, float]] = []
+    off: list[dict[str, float]] = []
+    routed = []
+    for p in prompts:
+        mem.content.clear_cache()
+        moved = mem.content.bytes_copied
+        view, tm = mem.view(), {}
+        g = stages.generate(m, [p], view, max_new_tokens=1, stop_ids=(), template=template, timings=tm)
+        routed.append(g.routed[0])
+        f = _ttft_floor(fl, mem, m, p, g.routed, t0, wbytes)
+        total = tm["prefill_s"]
+        route, fetch = getattr(view, "route_s", 0.0), getattr(view, "fetch_s", 0.0)
+        per.append({"total": total, "route": route, "fetch": fetch, "prefill": total - route - fetch,
+                    **{f"floor_{k}": v for k, v in f.items()}, "moved_bytes": float(mem.content.bytes_copied - moved),
+                    "needed_bytes": float(_fetched_bytes(mem, g.routed, m.config, torch.empty(0, dtype=m.dtype).element_size()))})
+        ov = mem.official_view()
+        r = official_generate(m, [p], ov, template, 1)
+        off.append({"total": r.prefill_s, "route": ov.route_s, "fetch": ov.fetch_s,
+                    "prefill": r.prefill_s - ov.route_s - ov.fetch_s})
+    med = {k: statistics.median(x[k] for x in per) for k in per[0]}
+    omed = {k: statistics.median(x[k] for x in off) for k in off[0]}
+    tokens = statistics.mean(len(p.ids) for p in prompts)
+    for path, vals in (("msabank", med), ("official-style", omed)):
+        for k, label in (("total", ""), ("route", ".routing"), ("fetch", ".fetch"), ("prefill", ".prefill")):
+            extra = {"needed_bytes": med["needed_bytes"], "moved_bytes": med["moved_bytes"]} if k == "fetch" else {}
+            rows.append(_row(f"ttft.{rnd}{label}", vals[k] * 1e3, med[f"floor_{k}"] * 1e3, "ms", path=path,
+                             prompt_tokens=tokens, **extra))
+    speed[f"ttft.{rnd}"] = omed["total"] / med["total"]
+    return routed
+
+
 def run_e2e_bench(*, geometry: str = "msa-4b", model: str | None = None, bank_tokens: str | int | None = None,
                   real_tokens: str | int | None = None, ingest_tokens: str | int | None = None,
                   batches: str | Sequence[int] = "1,8,32", new_tokens: int = 32, questions: int | None = None,
@@ -687,38 +743,21 @@ def run_e2e_bench(*, geometry: str = "msa-4b", model: str | None = None, bank_to
     prompts = question_prompts(m, max(opts.questions, max(opts.batches)), opts.question_tokens, seed=seed + 11)
     out["question_tokens"] = statistics.mean(len(p.ids) for p in prompts)
 
-    # -- time to first token, one question at a time (content pool emptied first: a cold fetch) --------
+    # -- time to first token per round, one question at a time (content pool emptied first: cold fetch) --
     t = time.perf_counter()
     stages.generate(m, [prompts[0]], mem.view(), max_new_tokens=1, stop_ids=(), template=template)  # warm-up
     official_generate(m, [prompts[0]], mem.official_view(), template, 1)
-    per: list[dict[str, float]] = []
-    off: list[dict[str, float]] = []
-    for p in prompts[: opts.questions]:
-        mem.content.clear_cache()
-        moved = mem.content.bytes_copied
-        view, tm = mem.view(), {}
-        g = stages.generate(m, [p], view, max_new_tokens=1, stop_ids=(), template=template, timings=tm)
-        f = _ttft_floor(fl, mem, m, p, g.routed, t0, wbytes)
-        total = tm["prefill_s"]
-        route, fetch = getattr(view, "route_s", 0.0), getattr(view, "fetch_s", 0.0)
-        per.append({"total": total, "route": route, "fetch": fetch, "prefill": total - route - fetch,
-                    **{f"floor_{k}": v for k, v in f.items()}, "moved_bytes": float(mem.content.bytes_copied - moved)})
-        ov = mem.official_view()
-        r = official_generate(m, [p], ov, template, 1)
-        off.append({"total": r.prefill_s, "route": ov.route_s, "fetch": ov.fetch_s,
-                    "prefill": r.prefill_s - ov.route_s - ov.fetch_s})
-    med = {k: statistics.median(x[k] for x in per) for k in per[0]}
-    omed = {k: statistics.median(x[k] for x in off) for k in off[0]}
-    for k, label in (("total", "ttft"), ("route", "ttft.routing"), ("fetch", "ttft.fetch"), ("prefill", "ttft.prefill")):
-        rows.append(_row(label, med[k] * 1e3, med[f"floor_{k}"] * 1e3, "ms", path="msabank"))
-    for k, label in (("total", "ttft"), ("route", "ttft.routing"), ("fetch", "ttft.fetch"), ("prefill", "ttft.prefill")):
-        rows.append(_row(label, omed[k] * 1e3, med[f"floor_{k}"] * 1e3, "ms", path="official-style"))
+    speed: dict[str, float] = {}
+    first = prompts[: opts.questions]
+    routed1 = _ttft(m, mem, first, "r1", rows, speed, fl, template, wbytes)
+    second = [round2_prompt(m, p, mem, sel) for p, sel in zip(first, routed1)]
+    out["round2_tokens"] = statistics.mean(len(p.ids) for p in second)
+    _ttft(m, mem, second, "r2", rows, speed, fl, template, wbytes)
     phase("ttft", t)
 
     # -- decode at each batch size: fixed new tokens, no stop ------------------------------------------
     t = time.perf_counter()
     same: dict[str, bool] = {}
-    speed: dict[str, float] = {"ttft": omed["total"] / med["total"]}
     for b in opts.batches:
         ps = prompts[:b]
         stages.generate(m, ps, mem.view(), max_new_tokens=min(4, opts.new_tokens), stop_ids=(), template=template)
