@@ -162,3 +162,72 @@ def test_aux_layer_weights_scale_each_router_layers_term():
     assert both is not None and float(both) > 0
     assert torch.allclose(first + 3 * second, 3 * both, rtol=1e-5)
     assert not torch.allclose(first, 3 * both)
+
+
+def test_smooth_token_max_bounds_and_limit():
+    """smooth_doc_scores lies in [max − τ·log n, max] and tends to the protocol's max as τ → 0."""
+    from msabank.kernels import doc_scores_dense_ref
+    from msabank.train.core import smooth_doc_scores
+
+    g = torch.Generator().manual_seed(3)
+    query, keys = torch.randn(3, 7, 8, generator=g), torch.randn(5, 4, 8, generator=g)
+    routing = torch.rand(3, 7, generator=g) < 0.6
+    routing[:, 0] = True
+    valid = torch.ones(5, 4, dtype=torch.bool)
+    valid[2, 1:] = False  # a one-chunk document
+    hard = doc_scores_dense_ref(query, keys, routing, valid)
+    n = routing.sum(1).float()[:, None]
+    for tau in (1.0, 0.1):
+        soft = smooth_doc_scores(query, keys, routing, valid, tau)
+        assert (soft <= hard + 1e-5).all() and (soft >= hard - tau * n.log() - 1e-5).all()
+        assert not torch.allclose(soft, hard)
+    assert torch.allclose(smooth_doc_scores(query, keys, routing, valid, 1e-4), hard, atol=2e-3)
+
+
+def test_smooth_token_max_trains_the_token_that_never_wins_the_max():
+    """Two routing tokens against two documents: token 0 (a phrase both documents share) wins the max for
+    both, token 1 (the name) matches only the positive. Under the hard max InfoNCE gives token 1 no
+    gradient at all; under the smooth max it does, and a step on token 1 alone lowers the loss."""
+    import torch.nn.functional as F
+
+    from msabank.kernels import doc_scores_dense_ref
+    from msabank.train.core import smooth_doc_scores
+
+    keys = torch.tensor([[[1.0, 0.0, 1.0]], [[1.0, 0.0, -1.0]]])  # (M=2, C=1, dim 3): doc 0 is the positive
+    shared, name = torch.tensor([2.0, 0.0, 0.0]), torch.tensor([0.0, 0.0, 0.5])
+    routing = torch.ones(1, 2, dtype=torch.bool)
+    valid = torch.ones(2, 1, dtype=torch.bool)
+    positive = torch.tensor([0])
+
+    def grad_of_name(score_fn):
+        q = torch.stack([shared, name])[None].clone().requires_grad_(True)  # (S=1, T=2, 3)
+        loss = F.cross_entropy(score_fn(q) / 0.1, positive)
+        loss.backward()
+        return loss.detach(), q.grad[0, 1]
+
+    _, g_hard = grad_of_name(lambda q: doc_scores_dense_ref(q, keys, routing, valid))
+    assert torch.equal(g_hard, torch.zeros(3))
+    smooth = lambda q: smooth_doc_scores(q, keys, routing, valid, 0.5)  # noqa: E731
+    loss0, g_soft = grad_of_name(smooth)
+    assert g_soft.abs().sum() > 0
+    stepped = torch.stack([shared, name - 0.5 * g_soft])[None]
+    assert F.cross_entropy(smooth(stepped) / 0.1, positive) < loss0
+
+
+def test_token_tau_changes_the_loss_not_the_selection():
+    from msabank.train.core import forward
+    from msabank.train.data import make_batch
+    from msabank.train.loop import default_model_config, new_model
+
+    tok = _tok()
+    cfg = default_model_config(tok.vocab_size, layers=3, hidden=64, heads=4, kv_heads=2, head_dim=16,
+                               intermediate=128, router_layers=(1, 2))
+    model = new_model(cfg, tok)
+    batch = make_batch(tok, World(seed=4, num_docs=500), random.Random(1), questions=4, memory=12, max_doc_tokens=96)
+    with torch.no_grad():
+        base = forward(model, batch, force_positive=False)
+        soft = forward(model, batch, force_positive=False, token_tau=0.05)
+    assert all(torch.equal(a, b) for a, b in zip(base.selected, soft.selected))
+    assert all(torch.equal(a, b) for a, b in zip(base.scores, soft.scores))
+    assert base.aux_loss is not None and soft.aux_loss is not None
+    assert not torch.allclose(base.aux_loss, soft.aux_loss)

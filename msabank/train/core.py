@@ -75,16 +75,43 @@ class Output:
     """(n,) the sequence of each labelled position."""
 
 
-def _route_scores(rq: torch.Tensor, rk: torch.Tensor, routing: torch.Tensor, chunk_valid: torch.Tensor) -> torch.Tensor:
+def _route_scores(rq: torch.Tensor, rk: torch.Tensor, routing: torch.Tensor, chunk_valid: torch.Tensor,
+                  token_tau: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Document scores (S, M), float32, by the kernels' routing reference: cosine, scale 1 (the official
-    training path scores cosine whatever the rule at inference).
+    training path scores cosine whatever the rule at inference). Returns (scores, loss_scores).
 
     rq: (S, H, T, D) router queries; rk: (M, Hkv, C, D) pooled router keys, normalised per head here.
+    `scores` is the protocol's max over routing tokens and chunks (what selects documents, here and at
+    inference). `loss_scores`, the InfoNCE input, is the same unless `token_tau` > 0: then the max over
+    routing tokens becomes a smooth max, token_tau·logsumexp(s_t / token_tau) (the max over chunks stays).
+    Why: under the hard max only the winning token gets gradient. Tokens every candidate shares (the
+    needle phrase "special magic number for", the template) win it for all candidates alike, so the
+    discriminating tokens (the name) never learn: sweeps c4/c5 plateau at chance among needles
+    (docs/eval.md). The smooth max gives every routing token a share of the gradient; as token_tau → 0
+    it is the max.
     """
     m, hkv, c, d = rk.shape
     query = routing_query_ref(rq, hkv, 1.0, True)  # (S, T, Hkv·D)
     keys = normalize_heads(rk).permute(0, 2, 1, 3).reshape(m, c, hkv * d)  # (M, C, Hkv·D)
-    return doc_scores_dense_ref(query, keys, routing, chunk_valid)
+    hard = doc_scores_dense_ref(query, keys, routing, chunk_valid)
+    if token_tau <= 0:
+        return hard, hard
+    return hard, smooth_doc_scores(query, keys, routing, chunk_valid, token_tau)
+
+
+def smooth_doc_scores(query: torch.Tensor, keys: torch.Tensor, routing: torch.Tensor, chunk_valid: torch.Tensor,
+                      tau: float) -> torch.Tensor:
+    """`doc_scores_dense_ref` with the max over routing tokens replaced by tau·logsumexp(s/tau) − tau·log(n),
+    n the sequence's routing tokens (so equal token scores give exactly that score, and the result lies in
+    [max − tau·log n, max]). Same shapes; differentiable; a sequence without routing tokens scores -inf."""
+    s, t, dim = query.shape
+    m, c, _ = keys.shape
+    raw = (query.float().reshape(s * t, dim) @ keys.float().reshape(m * c, dim).T).view(s, t, m * c)
+    raw = raw.masked_fill(~routing[:, :, None], float("-inf"))
+    n = routing.sum(1).clamp(min=1).float()  # (S,)
+    per_chunk = tau * torch.logsumexp(raw / tau, dim=1) - (tau * n.log())[:, None]  # (S, M·C)
+    per_chunk = per_chunk.view(s, m, c).masked_fill(~chunk_valid[None], float("-inf"))
+    return per_chunk.max(dim=2).values
 
 
 def _select(scores: torch.Tensor, k: int, positive: torch.Tensor | None) -> torch.Tensor:
@@ -138,7 +165,7 @@ def forward(model: MSAModel, batch: Batch, *, top_k: int | None = None, force_po
             tau: float = 0.1, want_logits: bool = False, want_hidden: bool = False,
             memory: Memory | None = None, selection: list[torch.Tensor] | None = None,
             lm_only_routed: bool = False,
-            aux_layer_weights: Sequence[float] | None = None) -> Output:
+            aux_layer_weights: Sequence[float] | None = None, token_tau: float = 0.0) -> Output:
     """The MSA training forward (and, with force_positive=False, its exact inference counterpart).
 
     Returns losses when labels exist: lm_loss (mean CE over labelled positions) and aux_loss (InfoNCE over
@@ -151,6 +178,8 @@ def forward(model: MSAModel, batch: Batch, *, top_k: int | None = None, force_po
     targets, so teacher-forced accuracy stays comparable).
     `aux_layer_weights`: one weight per router layer on its InfoNCE term (default 1 each). Up-weighting the
     first router layer trains the only layer whose routing query never sees a forced document's K/V.
+    `token_tau` > 0: the InfoNCE scores reduce the routing tokens by a smooth max (`_route_scores`); the
+    selection and `out.scores` keep the protocol's max.
     """
     cfg = model.config
     k = top_k or cfg.top_k
@@ -189,7 +218,7 @@ def forward(model: MSAModel, batch: Batch, *, top_k: int | None = None, force_po
             if selection is not None:
                 sel = selection[r]
             else:
-                sc = _route_scores(layer.self_attn.router_q(x), prk, routing, cv)
+                sc, loss_sc = _route_scores(layer.self_attn.router_q(x), prk, routing, cv, token_tau)
                 out.scores.append(sc)
                 sel = _select(sc, k, positive)
                 if batch.positive is not None:
@@ -198,7 +227,7 @@ def forward(model: MSAModel, batch: Batch, *, top_k: int | None = None, force_po
                         has = has & (batch.stage < 2)
                     if bool(has.any()):
                         w = 1.0 if aux_layer_weights is None else float(aux_layer_weights[r])
-                        aux_terms.append(w * F.cross_entropy(sc[has] / tau, batch.positive[has]))
+                        aux_terms.append(w * F.cross_entropy(loss_sc[has] / tau, batch.positive[has]))
             out.selected.append(sel)
             sel_sorted = sel.sort(dim=1).values  # ascending memory order (official context order)
             hkv, d = pk.shape[1], pk.shape[3]

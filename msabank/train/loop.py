@@ -114,10 +114,13 @@ class TrainConfig:
     Phase 1 never forces: with k=1 a forced document leaks the label into later router layers (they see its
     K/V), so only unforced steps make every router layer find the document from the question itself."""
     lm_only_routed: bool = True
-    aux_layer_weights: tuple[float, ...] | None = None
-    """Per-router-layer weights of the InfoNCE terms (None: 1 each); see core.forward."""
     """On unforced steps, no LM loss on `[n]` targets whose document no router layer selected (core.forward):
     the number is not in the input there, so the loss only taught guessing (run 2 lost copying that way)."""
+    aux_layer_weights: tuple[float, ...] | None = None
+    """Per-router-layer weights of the InfoNCE terms (None: 1 each); see core.forward."""
+    token_tau: float = 0.0
+    """> 0: the InfoNCE scores take a smooth max (temperature token_tau) over routing tokens, so tokens that
+    never win the max still learn (core._route_scores); selection keeps the max. 0: the official loss."""
 
 
 def _lr(tc: TrainConfig, progress: float, switched_at: float | None, steps_in_phase: int) -> float:
@@ -200,7 +203,7 @@ def train(model: MSAModel, tokenizer: Tokenizer, tc: TrainConfig,
         force = not warm and tc.force_every > 0 and step % tc.force_every == 0
         with amp:
             out = forward(model, batch, tau=tc.tau, force_positive=force, lm_only_routed=tc.lm_only_routed,
-                          aux_layer_weights=tc.aux_layer_weights)
+                          aux_layer_weights=tc.aux_layer_weights, token_tau=tc.token_tau)
         lm = out.lm_loss if out.lm_loss is not None else torch.zeros((), device=dev)
         aux = out.aux_loss if out.aux_loss is not None else torch.zeros((), device=dev)
         loss = 0.1 * lm + aux if warm else lm + tc.aux_weight * aux
