@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 
@@ -27,6 +27,9 @@ from msabank.model import MSAModel
 from msabank.types import MemoryView, Routed
 
 _NUMBER_RE = re.compile(r"\[(\d+)\]")
+
+OnTokens = Callable[[int, int, list[int]], None]
+"""on_tokens(question, round, token_ids): a question's new tokens as they are decoded (once per decode block)."""
 
 NO_ANSWER_REASONS = {
     "empty_bank": "the bank holds no documents, so there is nothing to answer from",
@@ -222,12 +225,15 @@ def run(
     handoff_after: int | None = None,
     template: tuple[torch.Tensor, torch.Tensor] | None = None,
     timings: dict[str, float] | None = None,
+    on_tokens: OnTokens | None = None,
 ) -> list[Answer]:
     """Answer `questions` (already validated) together, in order.
 
     `handoff_after`: force the hand-off once this many retrieval rounds have run (1 = the evaluator's "no
     interleave": route, append what the model named, route again, answer). `timings` accumulates
     prefill_s / decode_s of every generation (`stages.generate`). Answers carry no timings (the caller's).
+    `on_tokens(question, round, token_ids)`: streaming; each question's (index in `questions`) generated
+    tokens of each round (the hand-off's answer included, under the round it ends), as decoded.
     """
     tok = model.tokenizer
     assert tok is not None, "model without tokenizer"
@@ -239,6 +245,7 @@ def run(
     if len(documents) == 0:
         for q in qs:
             q.finish = "empty_bank"
+    index = {id(q): i for i, q in enumerate(qs)}
     gen_kwargs = dict(temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed, template=template,
                       timings=timings)
     for r in range(limits.max_rounds + 1):
@@ -263,7 +270,8 @@ def run(
             masks = [q.routing_mask() for q, _ in todo]
             gen = stages.generate(model, [P.Prompt(list(q.transcript), m) for (q, _), m in zip(todo, masks)], memory,
                                   max_new_tokens=[b for _, b in todo], stop_ids=[tok.object_ref_end_id, *model.stop_ids],
-                                  stop_text=P.END_OF_RETRIEVE, **gen_kwargs)  # type: ignore[arg-type]
+                                  stop_text=P.END_OF_RETRIEVE, on_tokens=_stream(on_tokens, r, [index[id(q)] for q, _ in todo]),
+                                  **gen_kwargs)  # type: ignore[arg-type]
             for i, ((q, _), mask) in enumerate(zip(todo, masks)):
                 out = gen.tokens[i]
                 text = tok.decode(out)
@@ -282,8 +290,16 @@ def run(
                     q.answer = extract_answer(text)
                     q.finish = "eos" if stopped else "token_budget"
         if handoffs:
-            _hand_off(model, memory, documents, handoffs, limits, gen_kwargs, r, t_round)
+            _hand_off(model, memory, documents, handoffs, limits, gen_kwargs, r, t_round,
+                      _stream(on_tokens, r, [index[id(h.q)] for h in handoffs]))
     return [_answer(q, limits, tok) for q in qs]
+
+
+def _stream(on_tokens: OnTokens | None, r: int, questions: list[int]) -> stages.OnTokens | None:
+    """generate's on_tokens(sample, ids) for a batch whose sample s is question questions[s] in round r."""
+    if on_tokens is None:
+        return None
+    return lambda s, ids: on_tokens(questions[s], r, ids)
 
 
 def _append_documents(q: _Question, tok: P.Tokenizer, documents: Documents, r: int, found: list[Hit], text: str,
@@ -299,7 +315,7 @@ def _append_documents(q: _Question, tok: P.Tokenizer, documents: Documents, r: i
 
 
 def _hand_off(model: MSAModel, memory: MemoryView, documents: Documents, handoffs: list[_Handoff], limits: Limits,
-              gen_kwargs: dict[str, object], r: int, t_round: float) -> None:
+              gen_kwargs: dict[str, object], r: int, t_round: float, on_tokens: stages.OnTokens | None = None) -> None:
     """Stage 3 (spec §6.2): restate the question; answer with the round's selection, all together."""
     tok = model.tokenizer
     assert tok is not None
@@ -316,9 +332,10 @@ def _hand_off(model: MSAModel, memory: MemoryView, documents: Documents, handoff
         prompts = [P.Prompt(list(handoffs[i].q.transcript),
                             handoffs[i].mask + [False] * (len(handoffs[i].q.transcript) - len(handoffs[i].mask)))
                    for i in ready]
+        stream = (lambda s, ids: on_tokens(ready[s], ids)) if on_tokens is not None else None  # handoffs[i] is sample i
         gen = stages.generate(model, prompts, memory, max_new_tokens=[budgets[i] for i in ready],
                               stop_ids=model.stop_ids, selected=[handoffs[i].selected for i in ready],
-                              **gen_kwargs)  # type: ignore[arg-type]
+                              on_tokens=stream, **gen_kwargs)  # type: ignore[arg-type]
         for j, i in enumerate(ready):
             handoffs[i].q.transcript += gen.tokens[j]
             answers[i] = (tok.decode(gen.tokens[j]), gen.routed[j])

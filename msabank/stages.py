@@ -20,6 +20,8 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from msabank.config import ModelConfig
+from msabank.decode import OnTokens, cache_width
+from msabank.decode import decode as decode_tokens
 from msabank.errors import InputError
 from msabank.kernels.reference import doc_scores_ref, normalize_heads, routing_query_ref, routing_topk_ref, row_scores_ref
 from msabank.kernels import attention, chunk_pool, sparse_attention
@@ -338,7 +340,10 @@ def pad_batch(prompts: Sequence[Prompt], *, pad_id: int, first_position: int) ->
 
 @dataclass(slots=True)
 class LayerCache:
-    """One layer's compacted context, allocated once: [template (T0) | chunks (C_max) | prompt (T) | new]."""
+    """One layer's compacted context, allocated once: [template (T0) | chunks (C_max) | prompt (T) | new | spare].
+
+    The width S is `decode.cache_width` of what the generation needs (a bucket, so decode's CUDA graphs are
+    reused); columns past the last token written are zero and not valid."""
 
     k: torch.Tensor
     """(B, Hkv, S, D)."""
@@ -445,7 +450,7 @@ def _prefill(
                 chunks.append((ck.to(dev, dt), cv.to(dev, dt)))  # (C_s, Hkv, D)
         c_max = max((ck.shape[0] for ck, _ in chunks), default=0)
         p0 = t0 + c_max
-        size = p0 + t + max_new_tokens
+        size = cache_width(p0 + t + max_new_tokens)  # bucketed: decode's captured graphs are per width
         cache = LayerCache(
             k=torch.zeros(b, cfg.num_kv_heads, size, cfg.head_dim, device=dev, dtype=dt),
             v=torch.zeros(b, cfg.num_kv_heads, size, cfg.head_dim, device=dev, dtype=dt),
@@ -479,25 +484,6 @@ def _prefill(
     return caches, routed, logits
 
 
-def _decode_step(
-    model: MSAModel, caches: list[LayerCache], ids: torch.Tensor, positions: torch.Tensor, col_offset: int
-) -> torch.Tensor:
-    """Feed one token per sample (B,) at positions (B,); writes column prompt_start + col_offset."""
-    cos, sin = model.rope(positions[:, None])
-    h = model.model.embed_tokens(ids[:, None])
-    self_col = torch.ones(ids.shape[0], 1, 1, dtype=torch.bool, device=ids.device)  # (B, T=1, T=1)
-    for layer, cache in zip(model.model.layers, caches):
-        q, k, v = layer.self_attn.qkv(layer.input_layernorm(h), cos, sin)
-        col = cache.prompt_start + col_offset
-        cache.k[:, :, col] = k[:, :, 0]
-        cache.v[:, :, col] = v[:, :, 0]
-        cache.valid[:, col] = True
-        # The new token over everything before it (template, chunks, prompt, earlier tokens) and itself.
-        h = layer.finish(h, sparse_attention(q, cache.k[:, :, : col + 1], cache.v[:, :, : col + 1], cache.valid[:, :col],
-                                             self_col))
-    return model.lm_head(model.model.norm(h[:, -1])).float()
-
-
 def generate(
     model: MSAModel,
     prompt_ids: Sequence[int] | Sequence[Sequence[int]] | Sequence[Prompt],
@@ -517,6 +503,8 @@ def generate(
     keep_cache: bool = False,
     trace: Trace | None = None,
     timings: dict[str, float] | None = None,
+    decode: str | None = None,
+    on_tokens: OnTokens | None = None,
 ) -> Generated:
     """Route, prefill and decode one prompt or a left-padded batch of prompts (spec §4, §5).
 
@@ -531,7 +519,10 @@ def generate(
     earlier selection (one `Routed` per router layer) used instead of routing: the answer hand-off decodes
     with the documents of the round it ends (spec §6.2). `template`: precomputed `template_prefix(model)`.
     `timings`, when given, receives "prefill_s" (routing, fetch and the prompt forward) and "decode_s"
-    (device-synchronised wall time).
+    (device-synchronised wall time). `decode`: "auto" (default, or MSABANK_DECODE: a CUDA graph per step
+    on CUDA, eager on CPU), "graph" or "eager" (msabank.decode); the tokens are the same. `on_tokens(sample,
+    token_ids)` receives each sample's new tokens once per host block (streaming; stop tokens included,
+    tokens after a stop never).
     """
     prompts = _as_prompts(prompt_ids, routing_mask)
     limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else [int(n) for n in max_new_tokens]
@@ -551,36 +542,20 @@ def generate(
         caches, routed, logits = _prefill(model, batch, memory, template, max(limits), on_route, trace, selected)
         first = logits.cpu()  # synchronises the device
         t_prefill = time.perf_counter()
-        steps = [first] if keep_logits else []
-        last_pos = batch.positions[:, -1]
-        b = len(prompts)
-        tokens: list[list[int]] = [[] for _ in range(b)]
-        done = [False] * b
-        stopped = [False] * b
-        # The marker spans at most len(stop_text) tokens (one char each at worst): decode only that tail.
-        tail_tokens = len(stop_text) + 1 if stop_text else 0
-        for step in range(max(limits)):
-            if step:
-                logits = _decode_step(model, caches, nxt, last_pos + step, batch.input_ids.shape[1] + step - 1)
-                if keep_logits:
-                    steps.append(logits.cpu())
-            nxt = _choose(logits, temperature, top_p, gen)
-            for s, tid in enumerate(nxt.tolist()):
-                if not done[s]:
-                    tokens[s].append(tid)
-                    stopped[s] = tid in stops or (
-                        stop_text is not None and stop_text in tok.decode(tokens[s][-tail_tokens:]))
-                    done[s] = stopped[s] or len(tokens[s]) >= limits[s]
-            if all(done):
-                break
+        t = batch.input_ids.shape[1]
+        out = decode_tokens(model, [c.k for c in caches], [c.v for c in caches], [c.valid for c in caches],
+                            [c.prompt_start + t for c in caches], logits, batch.positions[:, -1], limits=limits,
+                            stop_ids=sorted(stops), stop_text=stop_text, tokenizer=tok, temperature=temperature,
+                            top_p=top_p, generator=gen, choose=_choose, keep_logits=keep_logits, keep_cache=keep_cache,
+                            mode=decode, on_tokens=on_tokens)
     if timings is not None:
         timings["prefill_s"] = timings.get("prefill_s", 0.0) + t_prefill - t_start
-        timings["decode_s"] = timings.get("decode_s", 0.0) + time.perf_counter() - t_prefill  # nxt.tolist() synced
+        timings["decode_s"] = timings.get("decode_s", 0.0) + time.perf_counter() - t_prefill  # the last block synced
     return Generated(
-        tokens=tokens,
-        finish_reasons=["stop" if d else "length" for d in stopped],
+        tokens=out.tokens,
+        finish_reasons=["stop" if d else "length" for d in out.stopped],
         routed=routed,
         first_logits=first,
-        step_logits=torch.stack(steps) if keep_logits else None,
+        step_logits=torch.stack([x.cpu() for x in out.step_logits]) if keep_logits else None,
         cache=caches if keep_cache else None,
     )

@@ -1,0 +1,213 @@
+"""Block decode with device-side stops (msabank.decode) against a plain per-token loop, on the CPU.
+
+`reference_generate` is the loop `stages.generate` ran before: one step per token over the cache sliced to
+the live columns, attention through `sparse_attention` (K/V repeated per query head), the token to the
+host every step, stop ids and `stop_text` checked in Python per sample per token. The block loop must give
+its tokens exactly, its finish reasons, its step logits and caches (float32: within the goldens' 1e-4,
+logits of magnitude ~20 here; the GQA attention sums in another order), also with blocks of several tokens (the CUDA schedule) and with the
+full-width static step a CUDA graph replays.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import pytest
+import torch
+
+from msabank import decode as D
+from msabank import interleave, stages
+from msabank.errors import ConfigError
+from msabank.kernels import sparse_attention
+from msabank.model import MSAModel, load_model
+from msabank.prompt import Prompt, question_prompt
+from msabank.stages import InMemoryMemory, encode_documents, generate
+
+DOCS = [(0, "Mira planted."), (1, "The lighthouse keeper on Gull Point ret."), (2, "Copper kettles.")]
+QUESTIONS = ("Who planted?", "When did the keeper on Gull Point retire from the lighthouse?", "Kettles?")
+
+
+@pytest.fixture(scope="module")
+def setup(golden: Path) -> tuple[MSAModel, InMemoryMemory]:
+    model = load_model(golden / "tiny-msa")
+    enc = dict(zip((n for n, _ in DOCS), encode_documents(model, DOCS)))
+    return model, InMemoryMemory(enc, 2)
+
+
+def _old_step(model: MSAModel, caches: list[stages.LayerCache], ids: torch.Tensor, positions: torch.Tensor,
+              col_offset: int) -> torch.Tensor:
+    cos, sin = model.rope(positions[:, None])
+    h = model.model.embed_tokens(ids[:, None])
+    self_col = torch.ones(ids.shape[0], 1, 1, dtype=torch.bool)
+    for layer, cache in zip(model.model.layers, caches):
+        q, k, v = layer.self_attn.qkv(layer.input_layernorm(h), cos, sin)
+        col = cache.prompt_start + col_offset
+        cache.k[:, :, col] = k[:, :, 0]
+        cache.v[:, :, col] = v[:, :, 0]
+        cache.valid[:, col] = True
+        h = layer.finish(h, sparse_attention(q, cache.k[:, :, : col + 1], cache.v[:, :, : col + 1],
+                                             cache.valid[:, :col], self_col))
+    return model.lm_head(model.model.norm(h[:, -1])).float()
+
+
+def reference_generate(model: MSAModel, prompts: Sequence[Prompt], memory: InMemoryMemory, *,
+                       max_new_tokens: Sequence[int], stop_ids: Sequence[int], stop_text: str | None = None,
+                       temperature: float = 0.0, seed: int | None = None):
+    """The per-token loop: (tokens, finish reasons, step logits (steps, B, V), caches)."""
+    tok = model.tokenizer
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    with torch.inference_mode():
+        template = stages.template_prefix(model)
+        t0 = template[0].shape[2]
+        batch = stages.pad_batch(prompts, pad_id=tok.pad_id, first_position=t0 + model.config.top_k)
+        caches, _, logits = stages._prefill(model, batch, memory, template, max(max_new_tokens), None, None)
+        steps, last_pos, b = [logits], batch.positions[:, -1], len(prompts)
+        tokens: list[list[int]] = [[] for _ in range(b)]
+        done, stopped = [False] * b, [False] * b
+        tail = len(stop_text) + 1 if stop_text else 0
+        for step in range(max(max_new_tokens)):
+            if step:
+                logits = _old_step(model, caches, nxt, last_pos + step, batch.input_ids.shape[1] + step - 1)
+                steps.append(logits)
+            nxt = stages._choose(logits, temperature, 1.0, gen)
+            for s, tid in enumerate(nxt.tolist()):
+                if not done[s]:
+                    tokens[s].append(tid)
+                    stopped[s] = tid in stop_ids or (stop_text is not None and stop_text in tok.decode(tokens[s][-tail:]))
+                    done[s] = stopped[s] or len(tokens[s]) >= max_new_tokens[s]
+            if all(done):
+                break
+    return tokens, ["stop" if x else "length" for x in stopped], torch.stack(steps), caches
+
+
+@pytest.fixture(params=["cpu", "blocks", "static"])
+def schedule(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """cpu: the CPU path (a host check per token, live columns); blocks: the CUDA schedule's host round trip
+    every few tokens (here 3, then 5); static: blocks plus the full-width step a CUDA graph replays."""
+    if request.param != "cpu":
+        monkeypatch.setattr(D, "BLOCKS_CPU", (3, 5))
+    if request.param == "static":
+        monkeypatch.setattr(D, "CPU_LIVE_COLUMNS", False)
+    return request.param
+
+
+def _prompts(model: MSAModel, n: int = 3) -> list[Prompt]:
+    return [question_prompt(model.tokenizer, q) for q in QUESTIONS[:n]]
+
+
+def _close(name: str, mine: torch.Tensor, ref: torch.Tensor, atol: float = 1e-4) -> None:
+    assert mine.shape == ref.shape, f"{name}: shape {tuple(mine.shape)} != {tuple(ref.shape)}"
+    err = (mine - ref).abs().max().item() if mine.numel() else 0.0
+    assert err <= atol, f"{name}: max abs err {err:.3g} > {atol}"
+
+
+def _same(model, memory, prompts, *, limits, stop_ids, stop_text=None, temperature=0.0, seed=None):
+    ref_tokens, ref_finish, ref_logits, ref_caches = reference_generate(
+        model, prompts, memory, max_new_tokens=limits, stop_ids=stop_ids, stop_text=stop_text,
+        temperature=temperature, seed=seed)
+    streamed: dict[int, list[int]] = {}
+    out = generate(model, prompts, memory, max_new_tokens=limits, stop_ids=stop_ids, stop_text=stop_text,
+                   temperature=temperature, seed=seed, keep_logits=True, keep_cache=True,
+                   on_tokens=lambda s, ids: streamed.setdefault(s, []).extend(ids))
+    assert out.tokens == ref_tokens
+    assert out.finish_reasons == ref_finish
+    assert streamed == {s: t for s, t in enumerate(ref_tokens)}
+    assert out.step_logits.shape == ref_logits.shape
+    _close("step_logits", out.step_logits, ref_logits)
+    for i, (mine, ref) in enumerate(zip(out.cache, ref_caches)):
+        assert mine.prompt_start == ref.prompt_start and mine.k.shape == ref.k.shape
+        assert torch.equal(mine.valid, ref.valid)
+        _close(f"L{i}/k", mine.k, ref.k)
+        _close(f"L{i}/v", mine.v, ref.v)
+    return out
+
+
+def test_stop_ids_end_each_sample_where_the_loop_does(setup, schedule) -> None:
+    model, mem = setup
+    prompts = _prompts(model)
+    free = reference_generate(model, prompts, mem, max_new_tokens=[9] * 3, stop_ids=[])[0]
+    stops = [free[0][1], free[1][4]]  # sample 0 stops at its 2nd token, sample 1 at its 5th (or earlier)
+    out = _same(model, mem, prompts, limits=[9] * 3, stop_ids=stops)
+    assert out.finish_reasons[:2] == ["stop", "stop"] and len(out.tokens[0]) <= 2 and len(out.tokens[1]) <= 5
+
+
+def test_stop_text_spanning_a_block_boundary(setup, schedule) -> None:
+    model, mem = setup
+    prompts = _prompts(model, 2)
+    free = reference_generate(model, prompts, mem, max_new_tokens=[10, 10], stop_ids=[])[0]
+    # Blocks end after tokens 1, 4, 9: a marker made of tokens 4 and 5 is split by the second boundary.
+    marker = model.tokenizer.decode(free[0][3:5])
+    out = _same(model, mem, prompts, limits=[10, 10], stop_ids=[], stop_text=marker)
+    assert out.finish_reasons[0] == "stop" and 2 <= len(out.tokens[0]) <= 5
+    assert marker in model.tokenizer.decode(out.tokens[0])
+
+
+def test_per_sample_limits_and_mixed_prompt_lengths(setup, schedule) -> None:
+    model, mem = setup
+    prompts = _prompts(model)
+    assert len({len(p.ids) for p in prompts}) == 3  # left padding differs per sample
+    out = _same(model, mem, prompts, limits=[2, 7, 4], stop_ids=[])
+    assert [len(t) for t in out.tokens] == [2, 7, 4] and out.finish_reasons == ["length"] * 3
+
+
+def test_one_token_and_every_sample_stopping_at_once(setup, schedule) -> None:
+    model, mem = setup
+    prompts = _prompts(model, 2)
+    _same(model, mem, prompts, limits=[1, 1], stop_ids=[])
+    first = reference_generate(model, prompts, mem, max_new_tokens=[1, 1], stop_ids=[])[0]
+    out = _same(model, mem, prompts, limits=[6, 6], stop_ids=[first[0][0], first[1][0]])
+    assert [len(t) for t in out.tokens] == [1, 1]
+
+
+def test_seeded_sampling_equals_the_loop(setup, schedule) -> None:
+    model, mem = setup
+    _same(model, mem, _prompts(model), limits=[6, 3, 5], stop_ids=[], temperature=1.0, seed=3)
+
+
+def test_decode_modes_and_widths(setup, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, mem = setup
+    cpu = torch.device("cpu")
+    assert D.resolve_mode(None, cpu) == "eager" and D.resolve_mode("auto", torch.device("cuda")) == "graph"
+    with pytest.raises(ConfigError):
+        D.resolve_mode("graph", cpu)
+    monkeypatch.setenv("MSABANK_DECODE", "bogus")
+    with pytest.raises(ConfigError):
+        generate(model, _prompts(model, 1), mem, max_new_tokens=2)
+    monkeypatch.setenv("MSABANK_DECODE", "eager")
+    assert generate(model, _prompts(model, 1), mem, max_new_tokens=2).tokens
+    assert [D.cache_width(n) for n in (1, 128, 129, 1000, 1024, 1025, 3000)] == [128, 128, 256, 1024, 1024, 1152, 3072]
+    assert all(0 <= D.cache_width(n) - n < max(128, n / 8) for n in range(1, 20_000, 37))  # <= 12.5% padding
+
+
+def test_interleave_streams_each_rounds_tokens(golden: Path) -> None:
+    """interleave.run's on_tokens(question, round, ids) gives every generated token of every round: the
+    round's own tokens, then (in the round that hands off) the answer's."""
+    model = load_model(golden / "tiny-msa")
+    enc = dict(zip((n for n, _ in DOCS), encode_documents(model, DOCS)))
+
+    class Docs:
+        def __len__(self) -> int:
+            return len(DOCS)
+
+        def user_ids(self, numbers):
+            return {n: f"d{n}" for n in numbers}
+
+        def texts(self, numbers):
+            return {n: (f"d{n}", DOCS[n][1]) for n in numbers if 0 <= n < len(DOCS)}
+
+    tok = model.tokenizer
+    for handoff_after in (0, None):  # 0: every question hands off at once (the answer streams); None: rounds
+        streamed: dict[tuple[int, int], list[int]] = {}
+        answers = interleave.run(model, InMemoryMemory(enc, 2), Docs(), list(QUESTIONS[:2]),
+                                 limits=interleave.Limits(max_rounds=1, max_new_tokens=6), handoff_after=handoff_after,
+                                 on_tokens=lambda q, r, ids: streamed.setdefault((q, r), []).extend(ids))
+        assert set(streamed) == {(q, rnd.index) for q, a in enumerate(answers) for rnd in a.rounds}
+        for q, a in enumerate(answers):
+            for rnd in a.rounds:
+                got = streamed[(q, rnd.index)]
+                assert got[: len(rnd.tokens)] == rnd.tokens
+                if rnd.ended == "handoff":
+                    assert len(got) > len(rnd.tokens) and rnd.generated.endswith(tok.decode(got[len(rnd.tokens):]))
+                else:
+                    assert got == rnd.tokens
