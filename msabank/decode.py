@@ -194,21 +194,25 @@ class StepGraph:
             limits=z(batch), stops=torch.full((n_stops,), -1, dtype=torch.long, device=dev))
         self.width, self.greedy = width, greedy
         self.lock = threading.Lock()
-        fn = (lambda: greedy_step(model, self.state)) if greedy else (lambda: decode_step(model, self.state))
+        self.fn: Callable[[], torch.Tensor] = ((lambda: greedy_step(model, self.state)) if greedy
+                                               else (lambda: decode_step(model, self.state)))
+        self._capture(dev)
+
+    def _capture(self, dev: torch.device) -> None:
         # Warm-up on a side stream before capture (PyTorch's CUDA graph recipe): lazy inits, cuBLAS
         # workspaces and the allocator's pool happen outside the graph. The warm-up writes the buffers;
-        # `load` overwrites everything a generation reads.
+        # `_load` overwrites everything a generation reads.
         side = torch.cuda.Stream(device=dev)
         side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side):
             for _ in range(2):
                 self._reset_inputs()
-                fn()
+                self.fn()
         torch.cuda.current_stream(dev).wait_stream(side)
         self._reset_inputs()
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits = fn()
+            self.logits = self.fn()
 
     def _reset_inputs(self) -> None:
         for x in (self.state.ids, self.state.positions, self.state.cols, self.state.step):
@@ -310,7 +314,8 @@ def _load(st: DecodeState, k: list[torch.Tensor], v: list[torch.Tensor], valid: 
         st.bias[i].fill_(float("-inf"))
         st.bias[i][:, :s].masked_fill_(valid[i], 0.0)
     st.stops.fill_(-1)
-    st.stops[: len(stop_ids)] = torch.tensor(list(stop_ids), dtype=torch.long)
+    if stop_ids:
+        st.stops[: len(stop_ids)] = torch.tensor(list(stop_ids), dtype=torch.long)
     for x in (st.tokens, st.lengths, st.done, st.stopped):
         x.zero_()
 
@@ -355,8 +360,10 @@ def decode(
         graph = step_graph(model, b, width, max(MAX_STOP_IDS, len(stop_ids)), greedy)
     args = (starts, first_logits, last_positions, limits, stop_text, tokenizer, temperature, top_p, generator, choose,
             keep_logits, on_tokens)
-    if graph is not None:
-        with graph.lock:
+    # A graph's buffers serve one generation at a time: another thread (or an on_tokens callback that
+    # generates) holding it decodes eagerly instead of waiting.
+    if graph is not None and graph.lock.acquire(blocking=False):
+        try:
             _load(graph.state, k, v, valid, stop_ids)
             out = _run(model, graph.state, graph, *args, live=None)
             if keep_cache:  # the decoded columns back into the caller's caches
@@ -364,6 +371,8 @@ def decode(
                     s = k[i].shape[2]
                     k[i].copy_(graph.state.k[i][:, :, :s])
                     v[i].copy_(graph.state.v[i][:, :, :s])
+        finally:
+            graph.lock.release()
     else:
         st = _eager_state(k, v, valid, b, n, stop_ids)
         # CPU: attend over the live columns only (full width would cost attention work and save no launch).

@@ -39,7 +39,7 @@ def _old_step(model: MSAModel, caches: list[stages.LayerCache], ids: torch.Tenso
               col_offset: int) -> torch.Tensor:
     cos, sin = model.rope(positions[:, None])
     h = model.model.embed_tokens(ids[:, None])
-    self_col = torch.ones(ids.shape[0], 1, 1, dtype=torch.bool)
+    self_col = torch.ones(ids.shape[0], 1, 1, dtype=torch.bool, device=ids.device)
     for layer, cache in zip(model.model.layers, caches):
         q, k, v = layer.self_attn.qkv(layer.input_layernorm(h), cos, sin)
         col = cache.prompt_start + col_offset
@@ -54,13 +54,16 @@ def _old_step(model: MSAModel, caches: list[stages.LayerCache], ids: torch.Tenso
 def reference_generate(model: MSAModel, prompts: Sequence[Prompt], memory: InMemoryMemory, *,
                        max_new_tokens: Sequence[int], stop_ids: Sequence[int], stop_text: str | None = None,
                        temperature: float = 0.0, seed: int | None = None):
-    """The per-token loop: (tokens, finish reasons, step logits (steps, B, V), caches)."""
+    """The per-token loop: (tokens, finish reasons, step logits (steps, B, V) on the model's device, caches).
+    Also the GPU tests' oracle (tests/gpu/test_decode.py)."""
     tok = model.tokenizer
-    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    gen = torch.Generator(device=model.device).manual_seed(seed) if seed is not None else None
     with torch.inference_mode():
         template = stages.template_prefix(model)
         t0 = template[0].shape[2]
         batch = stages.pad_batch(prompts, pad_id=tok.pad_id, first_position=t0 + model.config.top_k)
+        batch = stages.PaddedPrompts(*(x.to(model.device) for x in (batch.input_ids, batch.attention_mask,
+                                                                      batch.routing_mask, batch.positions)))
         caches, _, logits = stages._prefill(model, batch, memory, template, max(max_new_tokens), None, None)
         steps, last_pos, b = [logits], batch.positions[:, -1], len(prompts)
         tokens: list[list[int]] = [[] for _ in range(b)]
@@ -163,6 +166,37 @@ def test_one_token_and_every_sample_stopping_at_once(setup, schedule) -> None:
 def test_seeded_sampling_equals_the_loop(setup, schedule) -> None:
     model, mem = setup
     _same(model, mem, _prompts(model), limits=[6, 3, 5], stop_ids=[], temperature=1.0, seed=3)
+
+
+class EagerGraph(D.StepGraph):
+    """The graph path's buffers and bookkeeping with the captured step run eagerly (no CUDA here)."""
+
+    def _capture(self, dev: torch.device) -> None:
+        self.replays = 0
+
+    def replay(self) -> torch.Tensor:
+        self.replays += 1
+        return self.fn()
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "sampled"])
+def test_graph_path_buffers_on_cpu(setup, monkeypatch: pytest.MonkeyPatch, temperature: float) -> None:
+    """What the CUDA path does around the graph (one width for every layer, the prefill's caches copied in
+    and the decoded columns back, an LRU per (batch, width) bucket), with an eager stand-in for the graph."""
+    model, mem = setup
+    monkeypatch.setattr(D, "StepGraph", EagerGraph)
+    monkeypatch.setattr(D, "resolve_mode", lambda mode, device: "graph")
+    monkeypatch.setattr(D, "BLOCKS_CPU", D.BLOCKS_CUDA)
+    monkeypatch.setattr(D, "_GRAPHS", type(D._GRAPHS)())
+    prompts = _prompts(model)
+    free = reference_generate(model, prompts, mem, max_new_tokens=[9] * 3, stop_ids=[])[0]
+    _same(model, mem, prompts, limits=[9, 4, 7], stop_ids=[free[0][5]], temperature=temperature, seed=2,
+          stop_text=model.tokenizer.decode(free[1][1:3]))
+    assert D.captured_graphs(model) == 1
+    _same(model, mem, prompts, limits=[8, 8, 8], stop_ids=[], temperature=temperature, seed=2)  # same bucket
+    assert D.captured_graphs(model) == 1
+    graph = next(iter(D._GRAPHS[model].lru.values()))
+    assert graph.replays > 0 and graph.greedy == (temperature <= 0)
 
 
 def test_decode_modes_and_widths(setup, monkeypatch: pytest.MonkeyPatch) -> None:
