@@ -19,9 +19,9 @@ import torch
 from msabank.errors import ConfigError, KernelUnavailableError
 
 from .reference import (attention_ref, chunk_pool_ref, doc_scores_dense_ref, normalize_heads, normalize_per_head, routing_query_ref,
-                        routing_topk_ref, sparse_attention_ref)
+                        routing_topk_batched_ref, routing_topk_ref, sparse_attention_ref)
 
-__all__ = ["routing_topk", "routing_topk_ref", "routing_query_ref", "doc_scores_dense_ref", "sparse_attention",
+__all__ = ["routing_topk", "routing_topk_ref", "routing_topk_batched", "routing_topk_batched_ref", "routing_query_ref", "doc_scores_dense_ref", "sparse_attention",
            "sparse_attention_ref", "attention", "chunk_pool", "chunk_pool_ref", "gather_spans", "normalize_heads", "normalize_per_head",
            "resolve_impl", "triton_available"]
 
@@ -117,6 +117,35 @@ def routing_topk(
         assert mod is not None
         return mod.routing_topk_triton(query, keys, row_doc, num_docs, k, pad=pad)  # type: ignore[no-any-return]
     return routing_topk_ref(query, keys, row_doc, num_docs, k, pad=pad)
+
+
+def routing_topk_batched(
+    query: torch.Tensor,
+    query_seq: torch.Tensor,
+    num_seqs: int,
+    keys: torch.Tensor,
+    row_doc: torch.Tensor,
+    num_docs: int,
+    k: int,
+    *,
+    impl: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k documents of one router layer for several questions in one scan (`reference.routing_topk_batched_ref`).
+
+    query (T_all, Hkv·D): every question's routing-query rows concatenated; query_seq (T_all,) the question
+    id (0..num_seqs-1) of each row. Returns scores (S, k) fp32 and doc_index (S, k) int64 on keys' device,
+    padded with (-inf, -1); row s equals `routing_topk(rows of s, ..., pad=True)`. Never waits on the device.
+    The Triton path also takes every router layer of the questions at once: query (L, T_all, Hkv·D) and keys
+    (L, rows, Hkv·D) give (L, S, k) from one scan launch and one set of top-k launches.
+    """
+    if resolve_impl(impl, keys) == "triton":
+        mod = _load_triton()
+        assert mod is not None
+        return mod.routing_topk_batched_triton(query, query_seq, num_seqs, keys, row_doc, num_docs, k)  # type: ignore[no-any-return]
+    if keys.dim() == 3:  # every layer: the reference loops over them
+        outs = [routing_topk_batched_ref(q, query_seq, num_seqs, kl, row_doc, num_docs, k) for q, kl in zip(query, keys)]
+        return torch.stack([s for s, _ in outs]), torch.stack([i for _, i in outs])
+    return routing_topk_batched_ref(query, query_seq, num_seqs, keys, row_doc, num_docs, k)
 
 
 def gather_spans(

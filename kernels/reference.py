@@ -8,7 +8,8 @@ score, ties broken by the lower document index. Cosine routing is the same dot p
 queries normalised per head beforehand (`normalize_heads`). `routing_query_ref` builds Q̃ from the router
 projection; `doc_scores_dense_ref` is the same score for many sequences at once (training).
 
-Not here: batching several questions into one call (loop over questions), ANN search.
+`routing_topk_batched_ref` scores several questions in one pass over the keys (a per-row question id on
+the concatenated query rows). Not here: ANN search.
 """
 
 from __future__ import annotations
@@ -185,6 +186,87 @@ def routing_topk_ref(
         cand = torch.nonzero(doc >= kth).squeeze(1)
         s, i = topk_ordered(doc[cand], cand, k)
     return pad_topk(s, i, k) if pad else (s, i)
+
+
+def routing_topk_batched_ref(
+    query: torch.Tensor,
+    query_seq: torch.Tensor,
+    num_seqs: int,
+    keys: torch.Tensor,
+    row_doc: torch.Tensor,
+    num_docs: int,
+    k: int,
+    *,
+    row_tile: int = ROW_TILE,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k documents of one router layer for `num_seqs` questions in one pass over the keys.
+
+    query: (T_all, Hkv·D), the routing-query rows of every question concatenated; query_seq: (T_all,) int
+    question id of each row in 0..num_seqs-1 (a question without rows routes to nothing). keys, row_doc,
+    num_docs, k: as `routing_topk_ref`. A question's score is the max over its own rows, then over a
+    document's chunks. Returns scores (S, k) fp32 and doc_index (S, k) int64, each question's row exactly
+    `routing_topk_ref(its rows, ...)` padded with (-inf, -1).
+
+    Every key tile is read (and on CPU upcast) once for all questions; each question's GEMM on it is the
+    same call `routing_topk_ref` makes on the same tile, so the scores are bit-identical to it (a single
+    (tile, T_all) GEMM could reorder the fp32 sums and flip near-ties). Cost: one read of the keys
+    (rows·Hkv·D·itemsize) instead of S; 2·T_all·Hkv·D·rows FLOPs, as S separate calls.
+    """
+    if keys.shape[0] != row_doc.shape[0]:
+        raise ValueError(f"keys has {keys.shape[0]} rows but row_doc has {row_doc.shape[0]}")
+    if query.shape[-1] != keys.shape[-1]:
+        raise ValueError(f"query dim {query.shape[-1]} != key dim {keys.shape[-1]}")
+    if query_seq.shape != query.shape[:1]:
+        raise ValueError(f"query_seq of shape {tuple(query_seq.shape)} for {query.shape[0]} query rows")
+    device = keys.device
+    out_s = torch.full((num_seqs, max(k, 0)), float("-inf"), dtype=torch.float32, device=device)
+    out_i = torch.full((num_seqs, max(k, 0)), -1, dtype=torch.int64, device=device)
+    rows = keys.shape[0]
+    if k <= 0 or num_docs == 0 or rows == 0 or num_seqs == 0:
+        return out_s, out_i
+    seq = query_seq.to(device)
+    query = query.to(device)
+    qs = {s: query[seq == s] for s in range(num_seqs)}
+    qs = {s: q for s, q in qs.items() if q.shape[0]}
+    row_score = {s: torch.empty(rows, dtype=torch.float32, device=device) for s in qs}
+    if keys.is_cuda and qs:  # the tile row_scores_ref takes for the longest question (its GPU sizing)
+        row_tile = max(row_tile, (1 << 28) // max(q.shape[0] for q in qs.values()))
+    for r0 in range(0, rows, row_tile):
+        tile = keys[r0 : r0 + row_tile]
+        if not (tile.is_cuda and tile.dtype in (torch.bfloat16, torch.float16)):
+            tile = tile.to(torch.float32)  # once for every question: the one read of this tile
+        for s, q in qs.items():
+            row_score[s][r0 : r0 + row_tile] = _score_tile(q.to(keys.dtype), tile)
+    for s, rs in row_score.items():
+        doc = doc_scores_ref(rs, row_doc, num_docs)
+        kth = torch.topk(doc, min(k, num_docs)).values[-1]  # ties at the k-th value: ordered exactly below
+        cand = torch.nonzero(doc >= kth).squeeze(1)
+        sc, ix = topk_ordered(doc[cand], cand, k)
+        out_s[s, : sc.shape[0]], out_i[s, : ix.shape[0]] = sc, ix
+    return out_s, out_i
+
+
+def span_index(starts: torch.Tensor, counts: torch.Tensor, seq: torch.Tensor, num_seqs: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row index of a batched gather: sample s's spans laid side by side, padded to the longest sample.
+
+    starts, counts, seq: (P,) int64 on the host, span p = source rows starts[p]..starts[p]+counts[p]-1 of
+    sample seq[p]; spans are grouped by sample, in the order they should appear. Returns index (S, C_max)
+    int64 (-1 past a sample's length) and lengths (S,) int64. Vectorised: no loop over samples or spans.
+    """
+    lengths = torch.zeros(num_seqs, dtype=torch.int64).index_add_(0, seq, counts)
+    c_max = int(lengths.max()) if num_seqs else 0
+    index = torch.full((num_seqs, c_max), -1, dtype=torch.int64)
+    total = int(counts.sum())
+    if total == 0:
+        return index, lengths
+    span_end = counts.cumsum(0)
+    sample_start = lengths.cumsum(0) - lengths  # rows of earlier samples, in span order
+    row_span = torch.repeat_interleave(torch.arange(counts.shape[0]), counts)  # (total,) span of each row
+    within = torch.arange(total) - (span_end - counts)[row_span]  # row's offset inside its span
+    col = (span_end - counts - sample_start[seq])[row_span] + within
+    index[seq[row_span], col] = starts[row_span] + within
+    return index, lengths
 
 
 def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

@@ -269,6 +269,185 @@ def routing_scan(
     return doc_scores
 
 
+@triton.jit
+def _routing_scan_batched_kernel(
+    keys,  # (L, rows, DIM): layer stride stride_kl, row stride stride_k
+    q_t,  # (L, DIM, T_PAD): every question's rows side by side, transposed, zero-padded
+    query_seq,  # (T,) int32 question id of each query column (grouped by question: fewest loop trips)
+    row_doc,  # (rows,) document index; < 0 = dead row
+    doc_scores,  # (L, S, num_docs) fp32, pre-filled with -inf
+    rows,
+    T,
+    num_docs,
+    num_seqs,
+    stride_kl,
+    stride_k,
+    T_PAD,
+    DIM: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    # `_routing_scan_kernel` for several questions (and router layers) in one launch: program_id(1) is
+    # the layer; a token block may hold the tail of one question and the head of the next, so the row
+    # max is taken per question present in the block (1-2 of them for 64-token questions) and folded
+    # into that question's document slots. The keys are still read once per layer for all questions.
+    pid = tl.program_id(0)
+    i_l = tl.program_id(1)
+    t_blocks = tl.cdiv(T, BLOCK_T)
+    i_r = pid // t_blocks
+    i_t = pid % t_blocks
+    offs_r = i_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_t = i_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_r = offs_r < rows
+    mask_t = offs_t < T
+    k_ptr = keys + i_l.to(tl.int64) * stride_kl + offs_r.to(tl.int64)[:, None] * stride_k + offs_d[None, :]
+    q_ptr = q_t + i_l.to(tl.int64) * DIM * T_PAD + offs_d[:, None] * T_PAD + offs_t[None, :]
+
+    acc = tl.zeros((BLOCK_R, BLOCK_T), dtype=tl.float32)
+    for d0 in range(0, DIM, BLOCK_D):
+        if DIM % BLOCK_D == 0:
+            kt = tl.load(k_ptr, mask=mask_r[:, None], other=0.0)
+            qt = tl.load(q_ptr)
+        else:
+            mask_d = (d0 + offs_d) < DIM
+            kt = tl.load(k_ptr, mask=mask_r[:, None] & mask_d[None, :], other=0.0)
+            qt = tl.load(q_ptr, mask=mask_d[:, None], other=0.0)
+        if UPCAST:
+            kt = kt.to(tl.float32)
+            qt = qt.to(tl.float32)
+        if IEEE:
+            acc = tl.dot(kt, qt, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(kt, qt, acc)
+        k_ptr += BLOCK_D
+        q_ptr += BLOCK_D * T_PAD
+
+    seq = tl.load(query_seq + offs_t, mask=mask_t, other=-1)
+    s_lo = tl.min(tl.where(mask_t, seq, num_seqs), axis=0)
+    s_hi = tl.max(seq, axis=0)
+    doc = tl.load(row_doc + offs_r, mask=mask_r, other=-1)
+    live = mask_r & (doc >= 0)
+    out = doc_scores + i_l.to(tl.int64) * num_seqs * num_docs
+    for s in range(s_lo, s_hi + 1):
+        row_max = tl.max(tl.where((seq == s)[None, :], acc, float("-inf")), axis=1)
+        tl.atomic_max(out + s * num_docs + doc, row_max, mask=live, sem="relaxed")
+
+
+@triton.jit
+def _topk_pass_batched_kernel(
+    scores,  # (G, n) fp32, row stride n
+    index,  # (G, n) int64 (HAS_INDEX) or implied by position
+    out_scores,  # (G, blocks·K) fp32
+    out_index,  # (G, blocks·K) int64
+    n,
+    HAS_INDEX: tl.constexpr,
+    K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    # `_topk_pass_kernel` over G independent rows (question × layer) in one launch: program_id(1) = row.
+    i_n = tl.program_id(0)
+    i_g = tl.program_id(1).to(tl.int64)
+    blocks = tl.num_programs(0)
+    offs = tl.arange(0, BLOCK_N)
+    base = i_n * BLOCK_N
+    x = tl.load(scores + i_g * n + base + offs, mask=base + offs < n, other=float("-inf"))
+    o = i_g * blocks * K + i_n * K
+    for j in range(K):
+        m, a = tl.max(x, axis=0, return_indices=True, return_indices_tie_break_left=True)
+        if HAS_INDEX:
+            gi = tl.load(index + i_g * n + base + a, mask=base + a < n, other=-1)
+        else:
+            gi = (base + a).to(tl.int64)
+        tl.store(out_scores + o + j, m)
+        tl.store(out_index + o + j, tl.where(m == float("-inf"), -1, gi))
+        x = tl.where(offs == a, float("-inf"), x)
+
+
+def _topk_tree_batched(doc_scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_topk_tree` on each row of (G, num_docs) scores at once: (G, k) each, padded with (-inf, -1).
+    The passes of all rows share their launches (3 at 100M tokens, whatever G is)."""
+    block = max(1024, triton.next_power_of_2(2 * k))
+    g, n = doc_scores.shape
+    s, idx, first = doc_scores.contiguous(), doc_scores, True
+    while True:
+        blocks = triton.cdiv(n, block)
+        out_s = torch.empty(g, blocks * k, dtype=torch.float32, device=s.device)
+        out_i = torch.empty(g, blocks * k, dtype=torch.int64, device=s.device)
+        _topk_pass_batched_kernel[(blocks, g)](s, idx, out_s, out_i, n, HAS_INDEX=not first, K=k, BLOCK_N=block,
+                                               num_warps=4)
+        if blocks == 1:
+            return out_s, out_i
+        s, idx, n, first = out_s, out_i, blocks * k, False
+
+
+def routing_scan_batched(
+    query: torch.Tensor,
+    query_seq: torch.Tensor,
+    num_seqs: int,
+    keys: torch.Tensor,
+    row_doc: torch.Tensor,
+    num_docs: int,
+    *,
+    config: tuple[str, int, int, int, int, int] | None = None,
+) -> torch.Tensor:
+    """Per-question, per-document max scores. query (L, T, DIM) and keys (L, rows, DIM) (one router layer:
+    L = 1), query_seq (T,) question ids (any order; grouped by question is fastest). Returns (L, S, num_docs) fp32, -inf where nothing scores."""
+    n_layers, rows, dim = keys.shape
+    T = query.shape[1]
+    doc_scores = torch.full((n_layers, num_seqs, num_docs), float("-inf"), dtype=torch.float32, device=keys.device)
+    if rows == 0 or T == 0 or num_docs == 0 or num_seqs == 0:
+        return doc_scores
+    if keys.stride(2) != 1:
+        keys = keys.contiguous()
+    t_pad = triton.cdiv(T, 256) * 256
+    q_t = torch.zeros(n_layers, dim, t_pad, dtype=keys.dtype, device=keys.device)  # L2-resident
+    q_t[:, :, :T] = query.to(keys.dtype).transpose(1, 2)
+    ieee = keys.dtype == torch.float32
+    if INTERPRET:
+        config = config or ("ptr", 64, max(16, min(64, triton.next_power_of_2(T))), 64, 4, 1)
+    _, br, bt, bd, w, st = config or config_for(T)  # the pointer variant: one launch over every layer
+    grid = (triton.cdiv(rows, br) * triton.cdiv(T, bt), n_layers)
+    _routing_scan_batched_kernel[grid](
+        keys, q_t, query_seq.to(device=keys.device, dtype=torch.int32), row_doc, doc_scores, rows, T, num_docs,
+        num_seqs, keys.stride(0), keys.stride(1), t_pad,
+        DIM=dim, BLOCK_R=br, BLOCK_T=bt, BLOCK_D=bd, UPCAST=INTERPRET, IEEE=ieee, num_warps=w, num_stages=st,
+    )
+    return doc_scores
+
+
+def routing_topk_batched_triton(
+    query: torch.Tensor,
+    query_seq: torch.Tensor,
+    num_seqs: int,
+    keys: torch.Tensor,
+    row_doc: torch.Tensor,
+    num_docs: int,
+    k: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`reference.routing_topk_batched_ref`'s contract, with keys (rows, DIM) -> (S, k), or every router
+    layer at once: query (L, T, DIM), keys (L, rows, DIM) -> (L, S, k). No host sync."""
+    layered = keys.dim() == 3
+    q3, k3 = (query, keys) if layered else (query[None], keys[None])
+    if k3.shape[1] != row_doc.shape[0]:
+        raise ValueError(f"keys has {k3.shape[1]} rows but row_doc has {row_doc.shape[0]}")
+    if q3.shape[-1] != k3.shape[-1]:
+        raise ValueError(f"query dim {q3.shape[-1]} != key dim {k3.shape[-1]}")
+    n_layers, device = k3.shape[0], keys.device
+    if k <= 0 or num_docs == 0 or k3.shape[1] == 0 or q3.shape[1] == 0 or num_seqs == 0:
+        s = torch.full((n_layers, num_seqs, max(k, 0)), float("-inf"), dtype=torch.float32, device=device)
+        i = torch.full((n_layers, num_seqs, max(k, 0)), -1, dtype=torch.int64, device=device)
+    else:
+        seq = query_seq.to(device)
+        doc_scores = routing_scan_batched(q3.to(device), seq, num_seqs, k3, row_doc.to(device), num_docs)
+        s, i = _topk_tree_batched(doc_scores.view(n_layers * num_seqs, num_docs), k)
+        s, i = s.view(n_layers, num_seqs, k), i.view(n_layers, num_seqs, k)
+    return (s, i) if layered else (s[0], i[0])
+
+
 def _t_bucket(T: int) -> int:
     return triton.cdiv(T, 64) * 64
 

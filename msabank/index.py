@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from msabank.errors import BankCorruptedError, DocumentNotFoundError, InputError
-from msabank.kernels import routing_topk
+from msabank.kernels import routing_topk, routing_topk_batched
+from msabank.kernels.reference import span_index
 from msabank.types import Routed
 
 if TYPE_CHECKING:
@@ -257,6 +258,22 @@ class RoutingIndex:
         scores, idx = routing_topk(query.to(self.device), keys, row_doc, num_docs, k, impl=self.impl)
         return Routed(numbers=idx.cpu(), scores=scores.cpu())
 
+    def search_batch(self, layer_index: int, queries: Sequence[torch.Tensor], k: int) -> list[Routed]:
+        """`search` for several questions with one scan of the layer's keys (`kernels.routing_topk_batched`).
+
+        queries: per question (T_s, dim). One host wait for all of them: the (S, k) result comes back at once.
+        """
+        if not queries:
+            return []
+        keys, row_doc, num_docs = self.layer(layer_index)
+        lens = torch.tensor([q.shape[0] for q in queries])
+        seq = torch.repeat_interleave(torch.arange(len(queries)), lens).to(self.device)
+        query = torch.cat([q.to(self.device) for q in queries])
+        scores, idx = routing_topk_batched(query, seq, len(queries), keys, row_doc, num_docs, k, impl=self.impl)
+        scores, idx = scores.cpu(), idx.cpu()
+        keep = idx >= 0
+        return [Routed(numbers=idx[s][keep[s]], scores=scores[s][keep[s]]) for s in range(len(queries))]
+
 
 class ContentStore:
     """Content K/V per document in one host arena, fetched to the device per question.
@@ -486,6 +503,44 @@ class ContentStore:
         return layer[:, 0].index_select(0, idx), layer[:, 1].index_select(0, idx)
 
 
+    def fetch_batch(self, layer_index: int, numbers: Sequence[Sequence[int]]
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Content K and V of one router layer for every sample, in the layout attention reads.
+
+        numbers[s]: sample s's documents (deduplicated, ascending: the official context order). Returns k, v
+        (S, Hkv, C_max, D) on the device, sample s's chunks in columns 0..lengths[s]-1 and zeros after, and
+        lengths (S,) int64 on the device. On CUDA the documents of all samples missing from the device pool
+        cross the bus in one gather (`prefetch`), then one index_select per layer cuts every sample's chunks
+        out of the pool; on CPU one index_select reads the arena. No per-sample or per-document device work.
+        """
+        per = [self._check(ns) for ns in numbers]
+        hkv, d = self.row_shape[2], self.row_shape[3]
+        if self._cuda:
+            self._prefetch(sorted({n for ns in per for n in ns}))
+            src = self._pool[:, layer_index] if self._pool is not None else None  # (pool_rows, 2, Hkv, D)
+            spans = [(s, self._slot[n], self._segs.rows_of(n)) for s, ns in enumerate(per) for n in ns]
+        else:
+            src = self._arena[:, layer_index]
+            spans = [(s, a, c) for s, ns in enumerate(per) for n in ns for a, c in self._segs.ranges[n]]
+        t = torch.tensor(spans, dtype=torch.int64).view(-1, 3)
+        index, lengths = span_index(t[:, 1], t[:, 2], t[:, 0], len(per))
+        b, c_max = index.shape
+        if c_max == 0 or src is None:
+            e = torch.zeros(b, hkv, 0, d, dtype=self.dtype, device=self.device)
+            return e, e.clone(), lengths.to(self.device)
+        if self._cuda:
+            assert self._ready is not None
+            torch.cuda.current_stream(self.device).wait_event(self._ready)
+            if self.pin:
+                index, lengths = index.pin_memory(), lengths.pin_memory()
+            index = index.to(self.device, non_blocking=True)
+            lengths = lengths.to(self.device, non_blocking=True)
+        flat = index.view(-1)
+        kv = src.index_select(0, flat.clamp_min(0)).masked_fill_((flat < 0).view(-1, 1, 1, 1), 0)  # (S·C_max, 2, Hkv, D)
+        kv = kv.to(self.device).view(b, c_max, 2, hkv, d)
+        return kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2), lengths
+
+
 # ---------------------------------------------------------------------------------------------------
 # A bank's index, kept at one version
 
@@ -652,6 +707,46 @@ class BankMemory:
         self._sync()
         self.fetch_s += time.perf_counter() - t
         return out
+
+    def route_batch(self, layer_index: int, queries: Sequence[torch.Tensor]) -> list[Routed]:
+        """`route` for every question of a batch: one scan of the layer (a `RoutingIndex`); under memory
+        parallel one collective search per question, in order, as every rank expects."""
+        t = time.perf_counter()
+        if hasattr(self.router, "search_batch"):
+            out = self.router.search_batch(layer_index, queries, self.top_k)  # CPU tensors: synced
+        else:
+            out = [self.router.search(layer_index, q, self.top_k) for q in queries]
+        self.route_s += time.perf_counter() - t
+        return out
+
+    def content_kv_batch(self, layer_index: int, numbers: Sequence[Sequence[int]]
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """k, v (B, Hkv, C_max, D) and lengths (B,) on the device (`ContentStore.fetch_batch`)."""
+        t = time.perf_counter()
+        nums = [sorted({int(n) for n in ns}) for ns in numbers]
+        if all(n in self.content for ns in nums for n in ns):
+            out = self.content.fetch_batch(layer_index, nums)
+        else:  # memory parallel: some documents live in another rank's shard; assembled per sample
+            out = self._assemble(layer_index, nums)
+        self._sync()
+        self.fetch_s += time.perf_counter() - t
+        return out
+
+    def _assemble(self, layer_index: int, nums: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        parts = []
+        for ns in nums:
+            kv = [self.content.fetch(layer_index, [n]) if n in self.content else self._remote_kv(layer_index, n)
+                  for n in ns]
+            parts.append((torch.cat([k for k, _ in kv]), torch.cat([v for _, v in kv])) if kv else None)
+        lengths = [p[0].shape[0] if p is not None else 0 for p in parts]
+        _, _, hkv, d = self.content.row_shape
+        k = torch.zeros(len(nums), hkv, max(lengths, default=0), d, dtype=self.content.dtype, device=self.content.device)
+        v = torch.zeros_like(k)
+        for s, p in enumerate(parts):
+            if p is not None:
+                k[s, :, : lengths[s]] = p[0].transpose(0, 1)
+                v[s, :, : lengths[s]] = p[1].transpose(0, 1)
+        return k, v, torch.tensor(lengths, dtype=torch.int64, device=self.content.device)
 
     def _remote_kv(self, layer_index: int, number: int) -> tuple[torch.Tensor, torch.Tensor]:
         if number not in self._remote:

@@ -23,7 +23,8 @@ from msabank.config import ModelConfig
 from msabank.decode import OnTokens, cache_width
 from msabank.decode import decode as decode_tokens
 from msabank.errors import InputError
-from msabank.kernels.reference import doc_scores_ref, normalize_heads, routing_query_ref, routing_topk_ref, row_scores_ref
+from msabank.kernels.reference import (doc_scores_ref, normalize_heads, routing_query_ref, routing_topk_batched_ref,
+                                      routing_topk_ref, row_scores_ref, span_index)
 from msabank.kernels import attention, chunk_pool, sparse_attention
 from msabank.model import MSAModel
 from msabank.prompt import Prompt, Tokenizer, document_ids, template_parts
@@ -272,6 +273,13 @@ class InMemoryMemory:
         # Dense document index = position among the ascending numbers, so ties to the lower index are
         # ties to the lower number.
         self._row_doc = torch.repeat_interleave(torch.arange(len(counts)), counts).to(self.device)
+        self._counts = counts
+        self._starts = counts.cumsum(0) - counts  # first row of each document in the per-layer tensors
+        self._dense = {n: i for i, n in enumerate(self._docs)}
+        self._content: list[tuple[torch.Tensor, ...]] = []  # per router layer: k, v (rows, Hkv, D)
+        for r in range(num_layers):
+            self._content.append(tuple(torch.cat([getattr(e, a)[r] for e in self._docs.values()]).to(self.device)
+                                       for a in ("content_k", "content_v")))
 
     def doc_scores(self, layer_index: int, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Scores of every document: max over its chunks of max over query rows of <Q̃_t, K̃_c>.
@@ -290,6 +298,38 @@ class InMemoryMemory:
         scores, index = routing_topk_ref(query.to(self.device, torch.float32), self._keys[layer_index],
                                          self._row_doc, len(self._docs), self.top_k)
         return Routed(numbers=self.numbers[index.cpu()], scores=scores.cpu())
+
+    def route_batch(self, layer_index: int, queries: Sequence[torch.Tensor]) -> list[Routed]:
+        """`route` for each question, one pass over the layer's keys (`routing_topk_batched_ref`): the same
+        scores and ids, bit for bit."""
+        if not self._docs or not queries:
+            return [self.route(layer_index, q[:0]) for q in queries]
+        lens = torch.tensor([q.shape[0] for q in queries])
+        seq = torch.repeat_interleave(torch.arange(len(queries)), lens)
+        query = torch.cat([q.to(self.device, torch.float32) for q in queries])
+        scores, index = routing_topk_batched_ref(query, seq, len(queries), self._keys[layer_index], self._row_doc,
+                                                 len(self._docs), self.top_k)
+        scores, index = scores.cpu(), index.cpu()
+        keep = index >= 0
+        return [Routed(numbers=self.numbers[index[s][keep[s]]], scores=scores[s][keep[s]]) for s in range(len(queries))]
+
+    def content_kv_batch(self, layer_index: int, numbers: Sequence[Sequence[int]]
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every sample's chunks (ascending numbers) as k, v (B, Hkv, C_max, D) and lengths (B,): one
+        index_select per tensor over the layer's content rows."""
+        dense = [sorted({self._dense[int(n)] for n in ns}) for ns in numbers]
+        d = torch.tensor([i for ds in dense for i in ds], dtype=torch.long)
+        seq = torch.repeat_interleave(torch.arange(len(dense)), torch.tensor([len(ds) for ds in dense], dtype=torch.long))
+        index, lengths = span_index(self._starts[d], self._counts[d], seq, len(dense))
+        b, c_max = index.shape
+        if not self._content:
+            e = torch.zeros(b, 0, 0, 0, device=self.device)
+            return e, e.clone(), lengths.to(self.device)
+        flat = index.view(-1).to(self.device)
+        pad = (flat < 0).view(-1, 1, 1)
+        ck, cv = (x.index_select(0, flat.clamp_min(0)).masked_fill_(pad, 0).view(b, c_max, *x.shape[1:]).transpose(1, 2)
+                  for x in self._content[layer_index])
+        return ck, cv, lengths.to(self.device)
 
     def content_kv(self, layer_index: int, numbers: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         docs = [self._docs[int(n)] for n in sorted(int(n) for n in numbers)]
@@ -427,28 +467,21 @@ def _prefill(
         attn = layer.self_attn
         x = layer.input_layernorm(h)
         q, k, v = attn.qkv(x, cos, sin)
-        chunks: list[tuple[torch.Tensor, torch.Tensor]] = []
+        chunk_k = chunk_v = chunk_len = None
         if attn.is_router:
             r = cfg.router_layers.index(i)
             qr = attn.router_q(x)
             if trace:  # the official intermediate is the query as scored: normalised per head under cosine
                 trace(f"prefill/L{i}/routing_q", normalize_heads(qr).to(qr.dtype) if cfg.routing_rule == "cosine" else qr)
-            for s, query in enumerate(routing_queries(qr, route_mask, cfg)):
-                given = selected[s] if selected is not None else None
-                if given is not None:  # replay an earlier prefill's choice (the answer hand-off, spec §6.2)
-                    sel = given[r]
-                elif query.shape[0]:
-                    sel = memory.route(r, query)
-                else:  # no routing tokens: nothing to route on, so no memory
-                    sel = Routed(numbers=torch.empty(0, dtype=torch.long), scores=torch.empty(0))
+            sels = _route_layer(memory, r, routing_queries(qr, route_mask, cfg), selected)
+            for s, sel in enumerate(sels):
                 routed[s].append(sel)
                 if on_route:
                     on_route(s, r, sel)
-                nums = sorted(int(n) for n in sel.numbers)
-                empty = k.new_empty(0, cfg.num_kv_heads, cfg.head_dim)  # (C_sel=0, Hkv, D): an empty bank or no routing tokens
-                ck, cv = memory.content_kv(r, nums) if nums else (empty, empty)
-                chunks.append((ck.to(dev, dt), cv.to(dev, dt)))  # (C_s, Hkv, D)
-        c_max = max((ck.shape[0] for ck, _ in chunks), default=0)
+            # One gather for every sample's chunks. The numbers came back to the host with the routing (the
+            # layer's one sync): the content store keeps its device pool's bookkeeping on the host.
+            chunk_k, chunk_v, chunk_len = memory.content_kv_batch(r, [sel.numbers.tolist() for sel in sels])
+        c_max = chunk_k.shape[2] if chunk_k is not None else 0
         p0 = t0 + c_max
         size = cache_width(p0 + t + max_new_tokens)  # bucketed: decode's captured graphs are per width
         cache = LayerCache(
@@ -460,11 +493,11 @@ def _prefill(
         cache.k[:, :, :t0] = template[0][i]
         cache.v[:, :, :t0] = template[1][i]
         cache.valid[:, :t0] = True
-        for s, (ck, cv) in enumerate(chunks):
-            n = ck.shape[0]
-            cache.k[s, :, t0 : t0 + n] = ck.transpose(0, 1)
-            cache.v[s, :, t0 : t0 + n] = cv.transpose(0, 1)
-            cache.valid[s, t0 : t0 + n] = True
+        if c_max:  # (B, Hkv, C_max, D): one copy each, whatever the batch
+            assert chunk_k is not None and chunk_v is not None and chunk_len is not None
+            cache.k[:, :, t0:p0] = chunk_k
+            cache.v[:, :, t0:p0] = chunk_v
+            cache.valid[:, t0:p0] = torch.arange(c_max, device=dev)[None, :] < chunk_len.to(dev)[:, None]
         cache.k[:, :, p0 : p0 + t] = k
         cache.v[:, :, p0 : p0 + t] = v
         cache.valid[:, p0 : p0 + t] = batch.attention_mask
@@ -482,6 +515,17 @@ def _prefill(
         trace("prefill/logits", model.lm_head(hn).float())
     logits = model.lm_head(model.model.norm(h[:, -1])).float()  # only the last position
     return caches, routed, logits
+
+
+def _route_layer(memory: MemoryView, r: int, queries: list[torch.Tensor],
+                 selected: Sequence[Sequence[Routed] | None] | None) -> list[Routed]:
+    """Each sample's selection at router layer r: replayed from `selected` (the answer hand-off, spec §6.2),
+    nothing without routing tokens, else routed, every routing sample in one `route_batch` call."""
+    given = [selected[s] if selected is not None else None for s in range(len(queries))]
+    todo = [s for s, q in enumerate(queries) if given[s] is None and q.shape[0]]
+    fresh = dict(zip(todo, memory.route_batch(r, [queries[s] for s in todo]))) if todo else {}
+    none = Routed(numbers=torch.empty(0, dtype=torch.long), scores=torch.empty(0))
+    return [g[r] if g is not None else fresh.get(s, none) for s, g in enumerate(given)]
 
 
 def generate(

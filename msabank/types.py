@@ -53,3 +53,14 @@ class MemoryView(Protocol):
     def content_kv(self, layer_index: int, numbers: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Chunks of `numbers` in ascending number order: k, v each (C_sel, Hkv, D)."""
         ...
+
+    def route_batch(self, layer_index: int, queries: Sequence[torch.Tensor]) -> list[Routed]:
+        """`route` for each question of a batch, in one scan of the layer's routing keys."""
+        ...
+
+    def content_kv_batch(self, layer_index: int, numbers: Sequence[Sequence[int]]
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every sample's chunks in the layout attention reads, in one gather: k, v (B, Hkv, C_max, D) with
+        sample b's chunks (ascending number order, as `content_kv`) in columns 0..lengths[b]-1 and zeros
+        after, and lengths (B,) int64, all on the memory's device."""
+        ...

@@ -27,9 +27,9 @@ class Scores(InMemoryMemory):
         super().__init__(*a, **k)
         self.all: list[torch.Tensor] = []
 
-    def route(self, layer_index, query):
-        self.all.append(self.doc_scores(layer_index, query)[1])
-        return super().route(layer_index, query)
+    def route_batch(self, layer_index, queries):
+        self.all.extend(self.doc_scores(layer_index, q)[1] for q in queries)
+        return super().route_batch(layer_index, queries)
 
 
 def run(golden: Path, case: str, device: str, dtype: torch.dtype) -> dict:

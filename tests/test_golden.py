@@ -48,15 +48,19 @@ class RecordingMemory(InMemoryMemory):
         self.routes: list[tuple[int, torch.Tensor, torch.Tensor, Routed]] = []
         self.fetches: list[tuple[int, list[int], torch.Tensor, torch.Tensor]] = []
 
-    def route(self, layer_index: int, query: torch.Tensor) -> Routed:
-        routed = super().route(layer_index, query)
-        self.routes.append((layer_index, query.clone(), self.doc_scores(layer_index, query)[1], routed))
-        return routed
+    def route_batch(self, layer_index: int, queries: Sequence[torch.Tensor]) -> list[Routed]:
+        out = super().route_batch(layer_index, queries)
+        for query, routed in zip(queries, out):
+            self.routes.append((layer_index, query.clone(), self.doc_scores(layer_index, query)[1], routed))
+        return out
 
-    def content_kv(self, layer_index: int, numbers: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        k, v = super().content_kv(layer_index, numbers)
-        self.fetches.append((layer_index, list(numbers), k, v))
-        return k, v
+    def content_kv_batch(self, layer_index: int, numbers: Sequence[Sequence[int]]) -> tuple[torch.Tensor, ...]:
+        k, v, lengths = super().content_kv_batch(layer_index, numbers)
+        for b, ns in enumerate(numbers):  # per sample, as the official engine fetches: (C_b, Hkv, D)
+            if ns:
+                n = int(lengths[b])
+                self.fetches.append((layer_index, list(ns), k[b, :, :n].transpose(0, 1), v[b, :, :n].transpose(0, 1)))
+        return k, v, lengths
 
 
 def _f32(x: torch.Tensor) -> torch.Tensor:
