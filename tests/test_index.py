@@ -190,3 +190,49 @@ def test_content_store_reserve_allocates_once():
         store.add([n], [torch.randn(4, 2, 2, 1, 4, generator=g).bfloat16()])
     assert store._arena is arena  # 100 rows added into the reserved arena: no regrowth
     assert store.memory_bytes() == 4096  # 3,200 B rounded up to the allocator's power of two
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_search_batch_equals_search_per_question(dtype, device):
+    g = torch.Generator().manual_seed(5)
+    index = RoutingIndex(R, DIM, dtype=dtype, device=device)
+    docs: dict[int, list[torch.Tensor]] = {}
+    _add(index, docs, list(range(30)), g)
+    index.remove([4, 9])
+    _add(index, docs, [2, 30], g)  # 2 superseded: dead rows in the middle
+    qs = [torch.randint(-2, 3, (t, DIM), generator=g).float() for t in (3, 1, 0, 7)]
+    for layer in range(R):
+        got = index.search_batch(layer, qs, 5)
+        assert len(got) == len(qs)
+        for q, r in zip(qs, got):
+            want = index.search(layer, q, 5)
+            assert r.numbers.tolist() == want.numbers.tolist() and torch.equal(r.scores, want.scores)
+            assert r.numbers.device.type == "cpu"
+    assert index.search_batch(0, [], 5) == []
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_content_store_fetch_batch_equals_fetch_per_sample(device):
+    g = torch.Generator().manual_seed(3)
+    store = ContentStore(R, 2, 8, dtype=torch.float32, device=device, cache_bytes=4096)  # a small pool: refills
+    truth = {n: _content(g, 1 + n % 4) for n in range(40)}
+    store.add(list(truth), list(truth.values()))
+    store.add([5], [_content(g, 3)])  # an update: its rows move to the end of the arena
+    picks = [[7, 3, 7, 12], [], [5], list(range(20, 36))]
+    for layer in range(R):
+        k, v, lengths = store.fetch_batch(layer, picks)
+        c_max = max(store.fetch(layer, p)[0].shape[0] for p in picks)
+        assert k.shape == (len(picks), 2, c_max, 8) and v.shape == k.shape
+        assert lengths.device == k.device
+        for s, p in enumerate(picks):
+            wk, wv = store.fetch(layer, p)  # (C_s, Hkv, D)
+            n = wk.shape[0]
+            assert int(lengths[s]) == n
+            assert torch.equal(k[s, :, :n].transpose(0, 1).cpu(), wk.cpu())
+            assert torch.equal(v[s, :, :n].transpose(0, 1).cpu(), wv.cpu())
+            assert not k[s, :, n:].any() and not v[s, :, n:].any()  # padding columns are zero
+    k, v, lengths = store.fetch_batch(0, [[], []])
+    assert k.shape == (2, 2, 0, 8) and lengths.tolist() == [0, 0]
+    with pytest.raises(DocumentNotFoundError):
+        store.fetch_batch(0, [[1], [99]])
