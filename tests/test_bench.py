@@ -32,3 +32,9 @@ def test_bench_cli_smoke(tmp_path):
     saved = json.loads((tmp_path / "bench_all.json").read_text())
     assert saved["routing"]["rows"][0]["chunks_per_layer"] == 313
     assert res["fetch"]["question"]["ms"] > 0
+    # the batched paths sit beside the per-question ones, and question 0 of a batch routes as when alone
+    batched = [r for r in saved["routing"]["rows"] if r["impl"] == "torch-batch8"]
+    assert batched and all(r["questions"] == 8 and r["read_floor_ms"] > 0 for r in batched)
+    agree = saved["routing"]["agreement"][0]
+    assert agree["torch-batch8"]["identical_layers"] == agree["torch-batch8"]["layers"] == 2
+    assert res["fetch"]["question_batch8"]["ms"] > 0 and res["fetch"]["question_batched"]["ms"] > 0

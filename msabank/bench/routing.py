@@ -28,7 +28,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from msabank.kernels import routing_topk
+from msabank.kernels import routing_topk, routing_topk_batched
 
 log = logging.getLogger(__name__)
 
@@ -139,15 +139,17 @@ class SyntheticShard:
         self.total_rows = total_rows
         self.rows = sum(r for _, r, _ in mine)
         self.row_doc = torch.cat([rd for _, _, rd in mine]).to(device) if mine else torch.empty(0, dtype=torch.int32, device=device)
-        self.keys = []
+        # One (layers, rows, DIM) allocation, self.keys[l] its layer views: the all-layer kernel reads it
+        # in one launch, everything else sees the per-layer matrices the routing index holds.
+        self.keys_all = torch.empty(layers, self.rows, DIM, dtype=dtype, device=device)
+        self.keys = list(self.keys_all.unbind(0))
         for layer in range(layers):
-            kl = torch.empty(self.rows, DIM, dtype=dtype, device=device)
+            kl = self.keys[layer]
             pos = 0
             for b, rows, _ in mine:
                 gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + layer * 10_007 + b)
                 kl[pos : pos + rows].normal_(generator=gen)  # bf16 written in place: no fp32 temporary
                 pos += rows
-            self.keys.append(kl)
 
     def layer(self, layer_index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         return self.keys[layer_index], self.row_doc, self.num_docs
@@ -170,6 +172,33 @@ def route_question(bank: Any, qs: Sequence[torch.Tensor], impl: str, *, sync_eac
         s, i = routing_topk(q, keys, row_doc, num_docs, TOP_K, impl=impl, pad=True)
         out.append(i.cpu() if sync_each else i)
     return out
+
+
+def route_batch(bank: Any, qs: Sequence[torch.Tensor], seq: torch.Tensor, n: int, impl: str, *,
+                all_layers: bool = False, sync_each: bool = False) -> list[torch.Tensor]:
+    """n questions at once (qs[l]: their rows of layer l, concatenated; seq the question id of each row):
+    one scan per layer (`routing_topk_batched`), or with all_layers one scan launch for every layer
+    (what a question costs when its layers' queries are known together: the floor of item 6, issue 12).
+    Returns per layer (n, k) ids (sync_each: brought to the host per layer, as the engine does)."""
+    if all_layers:
+        _, i = routing_topk_batched(torch.stack(list(qs)), seq, n, bank.keys_all, bank.row_doc, bank.num_docs, TOP_K,
+                                    impl=impl)
+        return list(i.cpu() if sync_each else i)
+    out = []
+    for layer, q in enumerate(qs):
+        keys, row_doc, num_docs = bank.layer(layer)
+        _, i = routing_topk_batched(q, seq, n, keys, row_doc, num_docs, TOP_K, impl=impl)
+        out.append(i.cpu() if sync_each else i)
+    return out
+
+
+def batched_queries(qs: Sequence[torch.Tensor], n: int, seed: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Question 0 is the single-question query of every layer (so its answers can be compared); n - 1 more
+    questions of the same length drawn from `seed`."""
+    T = qs[0].shape[0]
+    extra = queries(T * (n - 1), len(qs), qs[0].device, qs[0].dtype, seed) if n > 1 else [q[:0] for q in qs]
+    seq = torch.repeat_interleave(torch.arange(n, device=qs[0].device), T)
+    return [torch.cat([q, e]) for q, e in zip(qs, extra)], seq
 
 
 # -- routing -------------------------------------------------------------------------------------------
@@ -211,7 +240,7 @@ def sweep_configs(bank: Any, q_tokens: Sequence[int], copy_bw: float, flops: flo
 
 
 def bench_routing(sizes: Sequence[int], q_tokens: Sequence[int], impls: Sequence[str], *, device: torch.device,
-                  layers: int = LAYERS, reps: int = 5, sweep: bool = True) -> dict[str, Any]:
+                  layers: int = LAYERS, reps: int = 5, sweep: bool = True, batch: int = 8) -> dict[str, Any]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     copy_bw = copy_bandwidth(device)
     flops = gemm_flops(device)
@@ -248,12 +277,49 @@ def bench_routing(sizes: Sequence[int], q_tokens: Sequence[int], impls: Sequence
                 row = _time_row(scan_only, device, tokens, T, "triton-scan-only", False, bank, read_floor, tensor_floor, reps)
                 if row:
                     res["rows"].append(row)
+            for row, ans in _batched_rows(bank, qs, impls, batch, device, tokens, T, read_floor, flops, reps):
+                res["rows"].append(row)
+                answers.update(ans)
             if len(answers) > 1:
                 res.setdefault("agreement", []).append(_agreement(tokens, T, answers, bank, qs))
         del bank
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return res
+
+
+def _batched_rows(bank: Any, qs: Sequence[torch.Tensor], impls: Sequence[str], batch: int, device: torch.device,
+                  tokens: int, T: int, read_floor: float, flops: float, reps: int
+                  ) -> list[tuple[dict[str, Any], dict[str, list[torch.Tensor]]]]:
+    """The batched paths beside the per-question rows: one question with all its layers in one launch, and
+    `batch` questions per scan (per layer, and all layers at once). Each row's floors are the same run's:
+    the keys are read once whatever the batch, the tensor-core floor grows with batch·T."""
+    out = []
+    layers = len(qs)
+    for n in sorted({1, batch}):
+        if n < 1:
+            continue
+        bq, seq = batched_queries(qs, n, seed=10_000 + T)
+        tensor_floor = 2 * n * T * DIM * bank.rows * layers / flops * 1e3
+        for impl in impls:
+            modes = [(True, False), (True, True)] if impl == "triton" else []
+            if n > 1:
+                modes = [(False, False), (False, True)] + modes
+            for all_layers, sync_each in modes:
+                if impl != "triton" and all_layers:
+                    continue
+                label = f"{impl}-batch{n}" + ("-all-layers" if all_layers else "")
+                fn = lambda: route_batch(bank, bq, seq, n, impl, all_layers=all_layers, sync_each=sync_each)  # noqa: E731
+                row = _time_row(fn, device, tokens, T, label, sync_each, bank, read_floor, tensor_floor, reps)
+                if row is None:
+                    continue
+                row["questions"] = n
+                row["ms_per_question"] = row["ms"] / n
+                ans: dict[str, list[torch.Tensor]] = {}
+                if not sync_each:  # question 0 is the single-question query: its ids join the agreement check
+                    ans[label] = [i[0].cpu() for i in route_batch(bank, bq, seq, n, impl, all_layers=all_layers)]
+                out.append((row, ans))
+    return out
 
 
 def _time_row(fn: Callable[[], Any], device: torch.device, tokens: int, T: int, impl: str, sync_each: bool,
@@ -265,7 +331,7 @@ def _time_row(fn: Callable[[], Any], device: torch.device, tokens: int, T: int, 
         log.exception("%s failed at %d tokens, T=%d", impl, tokens, T)
         return None
     ms = statistics.median(t)
-    log.info("%7.2fM tokens T=%-4d %-16s%s %9.2f ms  %.2fx read floor (%.2f ms)  %.2fx max floor (%.2f ms)",
+    log.info("%7.2fM tokens T=%-4d %-26s%s %9.2f ms  %.2fx read floor (%.2f ms)  %.2fx max floor (%.2f ms)",
              tokens / 1e6, T, impl, " sync" if sync_each else "     ", ms, ms / read_floor, read_floor, ms / floor, floor)
     return {"tokens": tokens, "chunks_per_layer": bank.rows, "q_tokens": T, "impl": impl,
             "host_sync_per_layer": sync_each, "ms": ms, "ms_all": t, "read_floor_ms": read_floor,
@@ -364,11 +430,14 @@ def bench_memory_parallel(tokens: int, q_tokens: Sequence[int], worlds: Sequence
 
 
 def bench_fetch(*, device: torch.device, docs: int = 2048, per_question: int = TOP_K, layers: int = LAYERS,
-                reps: int = 20, seed: int = 0) -> dict[str, Any]:
+                reps: int = 20, seed: int = 0, batch: int = 8) -> dict[str, Any]:
     """16 documents × 18 layers of content K/V from the (pinned) host arena to the device, cold pool.
 
     transfer: the whole documents (all layers) to the device; layer_assembly: the 18 per-layer (K, V)
-    pairs cut from them on the device; question: both, as one question does them.
+    pairs cut from them on the device, one `fetch` per layer (the per-question path); question: both, as
+    one question does them. The batched path (`fetch_batch`, one gather per layer into the (B, Hkv, C, D)
+    layout attention reads): layer_assembly_batched and question_batched for the same question, and
+    question_batch{batch}: `batch` questions' documents in one transfer and 18 gathers.
     """
     from msabank.index import ContentStore
 
@@ -405,17 +474,45 @@ def bench_fetch(*, device: torch.device, docs: int = 2048, per_question: int = T
         for layer in range(layers):
             store.fetch(layer, nums)
 
+    def assembly_batched() -> None:
+        for layer in range(layers):
+            store.fetch_batch(layer, [picks[0]])
+
+    def question_batched() -> None:
+        store.clear_cache()
+        nums = nxt()
+        store.prefetch(nums)
+        for layer in range(layers):
+            store.fetch_batch(layer, [nums])
+
+    many = [torch.randperm(docs, generator=g)[:per_question].tolist() for _ in range(batch * (reps + 2))]
+
+    def question_batch() -> None:  # `batch` questions: one transfer of every document, one gather per layer
+        store.clear_cache()
+        state["i"] += 1
+        b0 = (state["i"] % (reps + 2)) * batch
+        group = many[b0 : b0 + batch]
+        store.prefetch(sorted({n for p in group for n in p}))
+        for layer in range(layers):
+            store.fetch_batch(layer, group)
+
     res: dict[str, Any] = {"card": card_name(device), "docs_in_store": docs, "docs_per_question": per_question,
-                           "layers": layers, "bytes_per_chunk": row_bytes, "pinned": store.pin, "h2d_Bps": h2d}
+                           "layers": layers, "bytes_per_chunk": row_bytes, "pinned": store.pin, "h2d_Bps": h2d,
+                           "batch": batch}
     nbytes = statistics.mean(sum(counts[n] for n in p) for p in picks) * row_bytes
-    for name, fn in (("transfer", transfer), ("layer_assembly", assembly), ("question", question)):
+    groups = [many[i : i + batch] for i in range(0, len(many), batch)]
+    batch_bytes = statistics.mean(sum(counts[n] for n in {n for p in grp for n in p}) for grp in groups) * row_bytes
+    for name, fn, nb in (("transfer", transfer, nbytes), ("layer_assembly", assembly, nbytes), ("question", question, nbytes),
+                         ("layer_assembly_batched", assembly_batched, nbytes), ("question_batched", question_batched, nbytes),
+                         (f"question_batch{batch}", question_batch, batch_bytes)):
         t = time_ms(fn, device, reps=reps, warmup=2)
         ms = statistics.median(t)
-        row: dict[str, Any] = {"ms": ms, "ms_all": t, "mean_bytes": nbytes, "GBps": nbytes / ms / 1e6}
+        row: dict[str, Any] = {"ms": ms, "ms_all": t, "mean_bytes": nb, "GBps": nb / ms / 1e6}
         if h2d:
-            row["x_pinned_h2d"] = nbytes / (ms / 1e3) / h2d["pinned"]
+            row["x_pinned_h2d"] = nb / (ms / 1e3) / h2d["pinned"]
+            row["floor_ms"] = nb / h2d["pinned"] * 1e3  # the bytes at pinned H2D bandwidth, same run
         res[name] = row
-        log.info("fetch %-15s %.3f ms for %.2f MB: %.1f GB/s%s", name, ms, nbytes / 1e6, row["GBps"],
+        log.info("fetch %-23s %.3f ms for %.2f MB: %.1f GB/s%s", name, ms, nb / 1e6, row["GBps"],
                  f" = {row['x_pinned_h2d']:.0%} of pinned H2D ({h2d['pinned'] / 1e9:.1f} GB/s)" if h2d else "")
     res["path"] = store.last_path
     if device.type == "cuda":  # the transfer as the GPU sees it (host-side bookkeeping excluded)
@@ -499,7 +596,7 @@ def plot(results: dict[str, Any], path: Path) -> str | None:
 
 def run(what: str, *, out_dir: Path, sizes: Sequence[int], q_tokens: Sequence[int], impls: Sequence[str],
         gpus: Sequence[int], layers: int = LAYERS, reps: int = 5, device: str | None = None,
-        sweep: bool = True, memory_parallel: bool = False) -> dict[str, Any]:
+        sweep: bool = True, memory_parallel: bool = False, batch: int = 8) -> dict[str, Any]:
     """The `msabank bench` body: runs the groups in `what` (routing|fetch|all), writes JSON (+ PNG)."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -513,13 +610,14 @@ def run(what: str, *, out_dir: Path, sizes: Sequence[int], q_tokens: Sequence[in
     if dev.type != "cuda":
         impls = [i for i in impls if i != "triton" or os.environ.get("TRITON_INTERPRET") == "1"]
     if what in ("routing", "all"):
-        results["routing"] = bench_routing(sizes, q_tokens, impls, device=dev, layers=layers, reps=reps, sweep=sweep)
+        results["routing"] = bench_routing(sizes, q_tokens, impls, device=dev, layers=layers, reps=reps, sweep=sweep,
+                                           batch=batch)
         worlds = sorted({1, *gpus}) if memory_parallel or any(g > 1 for g in gpus) else []
         if worlds and dev.type == "cuda":
             results["memory_parallel"] = bench_memory_parallel(max(sizes), q_tokens, worlds, layers=layers,
                                                                reps=reps, out_dir=out_dir)
     if what in ("fetch", "all"):
-        results["fetch"] = bench_fetch(device=dev, layers=layers)
+        results["fetch"] = bench_fetch(device=dev, layers=layers, batch=max(1, batch))
     name = f"bench_{what}.json"
     (out_dir / name).write_text(json.dumps(results, indent=1))
     results["plot"] = plot(results, out_dir / f"bench_{what}.png")
@@ -541,12 +639,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default=None)
     ap.add_argument("--no-sweep", action="store_true", help="keep the built-in scan tile table")
     ap.add_argument("--memory-parallel", action="store_true", help="run the NCCL path even for --gpus 1")
+    ap.add_argument("--batch", type=int, default=8, help="questions per batched scan / fetch (1: one question only)")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     run(a.what, out_dir=Path(a.out), sizes=[parse_tokens(s) for s in a.sizes.split(",")],
         q_tokens=[int(x) for x in a.q_tokens.split(",")], impls=a.impls.split(","),
         gpus=[int(x) for x in a.gpus.split(",")], layers=a.layers, reps=a.reps, device=a.device,
-        sweep=not a.no_sweep, memory_parallel=a.memory_parallel)
+        sweep=not a.no_sweep, memory_parallel=a.memory_parallel, batch=a.batch)
 
 
 if __name__ == "__main__":
