@@ -14,6 +14,11 @@ No launch materialises the T×rows score matrix:
    tokens): each program emits its block's k best by k rounds of leftmost-argmax, which keeps the
    exact order (score descending, lower index first). 4 B/document; no sort, no host sync.
 
+`routing_topk_batched_triton` is the same scan for several questions (and optionally every router layer)
+in one launch: `_routing_scan_batched_kernel` takes the questions' query rows side by side with a question id
+per row and a layer axis on the grid, and `_topk_pass_batched_kernel` runs the top-k passes of every
+(layer, question) row together, so 18 layers × B questions cost one scan launch and ~3 top-k launches.
+
 Floors at 100M tokens × 18 layers on one H100 (57.6 GB of bf16 keys, 3.0 TB/s copy bandwidth, ~790
 TFLOP/s bf16): reading the keys once is 19.2 ms; the GEMM is 2·T·1024·28.1M rows = 3.7 TFLOP (T=64,
 4.7 ms: read-bound) or 29.5 TFLOP (T=512, 37 ms: tensor-core-bound).
