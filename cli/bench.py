@@ -38,6 +38,7 @@ def bench(
     device: Optional[str] = typer.Option(None, "--device", help="torch device (default: cuda if available)."),
     sweep: bool = typer.Option(True, "--sweep/--no-sweep", help="Sweep scan tile configs on this card first."),
     memory_parallel: bool = typer.Option(False, "--memory-parallel", help="Time the NCCL path even for --gpus 1."),
+    batch: int = typer.Option(8, "--batch", help="Questions per batched routing scan and batched fetch (1: one question)."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="lifecycle: checkpoint (default: embedded)."),
     docs: int = typer.Option(2000, "--docs", help="lifecycle: synthetic documents to ingest."),
     geometry: str = typer.Option("msa-4b", "--geometry", help="e2e: msa-4b or tiny (random weights built in memory), "
@@ -108,18 +109,19 @@ def bench(
     res = run(what.value, out_dir=out, sizes=size_list,
               q_tokens=_int_list(q_tokens, "--q-tokens"), impls=impls.split(","),
               gpus=_int_list(gpus, "--gpus"), layers=layers, reps=reps, device=device, sweep=sweep,
-              memory_parallel=memory_parallel)
+              memory_parallel=memory_parallel, batch=batch)
     r = res.get("routing")
     if r:
         out_console.print(f"routing on {r['card']}: copy {r['copy_bandwidth_Bps'] / 1e9:.0f} GB/s, "
                           f"GEMM {r['gemm_flops'] / 1e12:.0f} TFLOP/s")
         for x in r["rows"]:
-            out_console.print(f"  {x['tokens'] / 1e6:8.2f}M tokens  T={x['q_tokens']:<4} {x['impl']:<7}"
+            out_console.print(f"  {x['tokens'] / 1e6:8.2f}M tokens  T={x['q_tokens']:<4} {x['impl']:<26}"
                               f"{'sync ' if x['host_sync_per_layer'] else '     '}{x['ms']:10.2f} ms  "
                               f"{x['x_read_floor']:6.2f}x read floor  {x['x_floor']:6.2f}x max floor")
     f = res.get("fetch")
     if f:
-        for name in ("transfer", "transfer_device", "layer_assembly", "question"):
+        for name in ("transfer", "transfer_device", "layer_assembly", "question", "layer_assembly_batched",
+                     "question_batched", f"question_batch{f.get('batch', 8)}"):
             if name not in f:
                 continue
             x = f[name]

@@ -302,9 +302,13 @@ def _batched_rows(bank: Any, qs: Sequence[torch.Tensor], impls: Sequence[str], b
         bq, seq = batched_queries(qs, n, seed=10_000 + T)
         tensor_floor = 2 * n * T * DIM * bank.rows * layers / flops * 1e3
         for impl in impls:
+            if impl == "triton" and device.type != "cuda":
+                continue  # the interpreter is a test tool (tests/kernels covers these kernels), not a benchmark
             modes = [(True, False), (True, True)] if impl == "triton" else []
             if n > 1:
                 modes = [(False, False), (False, True)] + modes
+            if device.type != "cuda":  # everything waits on the host there: a "sync" row would repeat the other
+                modes = [m for m in modes if not m[1]]
             for all_layers, sync_each in modes:
                 if impl != "triton" and all_layers:
                     continue
