@@ -332,13 +332,14 @@ class Bank:
 
     # ------------------------------------------------------------------ planning
     # (`list` above shadows the builtin in this class body: annotations below use builtins.list)
-    def plan(self, items: Iterable[tuple[str, str]]) -> builtins.list[Planned]:
+    def plan(self, items: Iterable[tuple[str, str]], *, first_number: int = 0) -> builtins.list[Planned]:
         """Give each (user_id, text) its number and action (add/update/unchanged); nothing is written.
 
         New ids get consecutive numbers from the bank's next free number, in item order. Duplicate ids in
-        one call are an InputError.
+        one call are an InputError. `first_number`: new ids start at least there — a pipelined ingest plans
+        batch i + 1 while batch i (whose new numbers end at first_number - 1) is still being committed.
         """
-        return plan_items(self, items)
+        return plan_items(self, items, first_number)
 
     def absent_ids(self, source_ids: Iterable[str]) -> builtins.list[str]:
         """Live ids not in `source_ids`: what a full-source `sync` deletes."""

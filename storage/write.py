@@ -27,12 +27,13 @@ if TYPE_CHECKING:
     from msabank.storage.snapshot import Snapshot
 
 
-def plan_items(bank: Bank, items: Iterable[tuple[str, str]]) -> list[Planned]:
-    """`Bank.plan`: each (user_id, text) with its number and action; nothing is written."""
+def plan_items(bank: Bank, items: Iterable[tuple[str, str]], first_number: int = 0) -> list[Planned]:
+    """`Bank.plan`: each (user_id, text) with its number and action; nothing is written. New ids are
+    numbered from max(the bank's next free number, `first_number`)."""
     out: list[Planned] = []
     seen: set[str] = set()
     with bank.snapshot() as s:
-        nxt = s.state.next_number
+        nxt = max(s.state.next_number, first_number)
         for user_id, text in items:
             _check_id_text(user_id, text)
             if user_id in seen:
