@@ -136,17 +136,6 @@ def pool_router_layers(cfg: ModelConfig, kv: Layer1, lengths: torch.Tensor
     return out
 
 
-def _encoded(cfg: ModelConfig, pooled: dict[int, tuple[torch.Tensor, ...]], row: int, n: int) -> EncodedMemory:
-    """One document of a pooled stage-1 group as (R, C, Hkv, D) CPU tensors, routing keys normalised per head
-    when the rule is cosine (after pooling, spec §3.2)."""
-    c = -(-n // cfg.chunk_size)
-    rk_, k_, v_ = (torch.stack([pooled[layer][slot][row, :, :c].transpose(0, 1) for layer in cfg.router_layers]).cpu()
-                   for slot in (2, 0, 1))  # (R, C, Hkv, D)
-    if cfg.routing_rule == "cosine":
-        rk_ = normalize_heads(rk_).to(rk_.dtype)
-    return EncodedMemory(n_tokens=n, routing_keys=rk_, content_k=k_, content_v=v_)
-
-
 MAX_TOKENS_PER_BATCH = 16_384
 """Padded tokens per stage-1 forward: bounds activations, (B, T, hidden) and the K/V of every layer."""
 MAX_MASK_CELLS = 1 << 25
@@ -201,6 +190,8 @@ def encode_documents(
     names: Sequence[str] | None = None,
     max_tokens_per_batch: int = MAX_TOKENS_PER_BATCH,
     trace: Trace | None = None,
+    token_ids: Sequence[Sequence[int]] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> list[EncodedMemory]:
     """Stage 1 for (number, text) documents, returned in input order.
 
@@ -208,33 +199,89 @@ def encode_documents(
     several are batched per forward (right-padded, length-sorted, at most `max_tokens_per_batch` padded
     tokens and MAX_MASK_CELLS mask cells) with a causal mask that hides the padding, which does not change
     any document's result. A document longer than `max_document_tokens(model)` is an InputError before
-    anything is encoded (`names`: the user ids it names). Tensors are (R, C, Hkv, D) on CPU in the model dtype.
+    anything is encoded (`names`: the user ids it names). `token_ids`: the composed documents already
+    tokenized (`document_token_ids`; the engine tokenizes per commit batch, ahead of stage 1). Tensors are
+    (R, C, Hkv, D) on CPU in `dtype` (default: the model dtype), cast on the model's device.
+
+    Each group's pooled K̄, V̄, K̄ᴿ reach the host in one copy (one (3, R, B, C, Hkv, D) buffer, pinned on a
+    GPU, where the copy of group g overlaps the forward of group g + 1); a document's tensors are views of
+    its group's buffer, not per-document, per-layer copies (issue 12: 3·R device-to-host syncs per document
+    before).
     """
-    tok = _tokenizer(model)
-    seqs = document_token_ids(model, docs, names)
+    seqs = document_token_ids(model, docs, names) if token_ids is None else token_ids
+    if len(seqs) != len(docs):
+        raise ValueError(f"{len(docs)} documents but {len(seqs)} token sequences")
+    out_dtype = dtype or model.dtype
     results: list[EncodedMemory | None] = [None] * len(seqs)
+    pending: tuple[torch.Tensor, torch.cuda.Event | None, list[int], list[int]] | None = None
     for group in _stage1_groups([len(s) for s in seqs], max_tokens_per_batch, MAX_MASK_CELLS):
         lengths = [len(seqs[i]) for i in group]
-        ids = torch.full((len(group), max(lengths)), tok.pad_id, dtype=torch.long)
-        for row, i in enumerate(group):
-            ids[row, : lengths[row]] = torch.tensor(seqs[i])
-        tr = None
-        if trace is not None:
-
-            def tr(i: int, name: str, x: torch.Tensor, group: list[int] = group, lengths: list[int] = lengths) -> None:
-                for row, j in enumerate(group):
-                    key = f"doc{docs[j][0]}/{name}" if i < 0 else f"doc{docs[j][0]}/L{i}/{name}"
-                    xs = x[row, : lengths[row]] if x.dim() == 3 and x.shape[1] == ids.shape[1] else x[row, :, : lengths[row]]
-                    trace(key, xs)
-
-        with torch.inference_mode():
-            lens = torch.tensor(lengths, device=model.device)
-            kv = stage1_forward(model, ids.to(model.device), lens, trace=tr,
-                                through_layer=None if tr else max(model.config.router_layers))
-            pooled = pool_router_layers(model.config, kv, lens)
-            for row, i in enumerate(group):
-                results[i] = _encoded(model.config, pooled, row, lengths[row])
+        host = _stage1_group(model, group, seqs, lengths, out_dtype, _group_trace(trace, docs, group, lengths))
+        if pending is not None:
+            _unpack_group(model.config, results, *pending)
+        pending = (*host, group, lengths)
+    if pending is not None:
+        _unpack_group(model.config, results, *pending)
     return [r for r in results if r is not None]
+
+
+def _group_trace(trace: Trace | None, docs: Sequence[tuple[int, str]], group: list[int], lengths: list[int]
+                 ) -> Callable[[int, str, torch.Tensor], None] | None:
+    """stage1_forward's trace hook for one group: each row's intermediates under `doc<n>/…` names, unpadded."""
+    if trace is None:
+        return None
+    t = max(lengths)
+
+    def tr(i: int, name: str, x: torch.Tensor) -> None:
+        for row, j in enumerate(group):
+            key = f"doc{docs[j][0]}/{name}" if i < 0 else f"doc{docs[j][0]}/L{i}/{name}"
+            xs = x[row, : lengths[row]] if x.dim() == 3 and x.shape[1] == t else x[row, :, : lengths[row]]
+            trace(key, xs)
+
+    return tr
+
+
+def _stage1_group(model: MSAModel, group: list[int], seqs: Sequence[Sequence[int]], lengths: list[int],
+                  dtype: torch.dtype, tr: Callable[[int, str, torch.Tensor], None] | None
+                  ) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """One stage-1 forward of a length-sorted group, pooled and packed into one (3, R, B, C, Hkv, D) host
+    buffer (slot 0 K̄ᴿ, normalised per head under cosine routing, slot 1 K̄, slot 2 V̄) in `dtype`; on a GPU
+    the copy is queued (non-blocking, pinned) and the returned event marks its end."""
+    cfg = model.config
+    dev = model.device
+    tok = _tokenizer(model)
+    flat = torch.tensor([t for i in group for t in seqs[i]], dtype=torch.long)
+    lens_cpu = torch.tensor(lengths, dtype=torch.long)
+    # right-padded (B, T) ids built in one scatter instead of one tensor per row
+    ids = torch.full((len(group), max(lengths)), tok.pad_id, dtype=torch.long)
+    ids[torch.arange(ids.shape[1])[None, :] < lens_cpu[:, None]] = flat
+    with torch.inference_mode():
+        lens = lens_cpu.to(dev)
+        kv = stage1_forward(model, ids.to(dev), lens, trace=tr, through_layer=None if tr else max(cfg.router_layers))
+        pooled = pool_router_layers(cfg, kv, lens)
+        rk = torch.stack([pooled[layer][2] for layer in cfg.router_layers])  # (R, B, Hkv, C, D)
+        if cfg.routing_rule == "cosine":  # after pooling (spec §3.2), in fp32, back to the model dtype
+            rk = normalize_heads(rk).to(rk.dtype)
+        packed = torch.stack([rk, *(torch.stack([pooled[layer][s] for layer in cfg.router_layers]) for s in (0, 1))])
+        packed = packed.to(dtype).transpose(-3, -2)  # (3, R, B, C, Hkv, D)
+        if dev.type != "cuda":
+            return packed.contiguous(), None
+        host = torch.empty(packed.shape, dtype=dtype, pin_memory=True)
+        host.copy_(packed, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return host, done
+
+
+def _unpack_group(cfg: ModelConfig, results: list[EncodedMemory | None], host: torch.Tensor,
+                  done: torch.cuda.Event | None, group: list[int], lengths: list[int]) -> None:
+    """Each document of a group as views (R, C, Hkv, D) of the group's host buffer (after its copy ends)."""
+    if done is not None:
+        done.synchronize()
+    for row, i in enumerate(group):
+        c = -(-lengths[row] // cfg.chunk_size)
+        results[i] = EncodedMemory(n_tokens=lengths[row], routing_keys=host[0, :, row, :c],
+                                   content_k=host[1, :, row, :c], content_v=host[2, :, row, :c])
 
 
 # ---------------------------------------------------------------------------------------------------
