@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
-from msabank import interleave
+from msabank import interleave, pipeline
 from msabank import prompt as P
 from msabank import stages
 from msabank.errors import (BankAccessError, BankError, BankExistsError, BankFormatError,
@@ -195,13 +195,23 @@ class Engine:
         todo = [p for p in planned if p.action != "unchanged"]
         if not todo:
             return []
-        mems = stages.encode_documents(self.model, [(p.number, p.text) for p in todo], names=[p.user_id for p in todo])
-        dt = self.storage_dtype
-        return [
-            DocumentWrite(user_id=p.user_id, number=p.number, text=p.text, content_hash=p.content_hash,
-                          memory=_cast(mem, dt))
-            for p, mem in zip(todo, mems, strict=True)
-        ]
+        ids = stages.document_token_ids(self.model, [(p.number, p.text) for p in todo], [p.user_id for p in todo])
+        return [self._document_write(p, m) for p, m in zip(todo, self._encode_token_ids(todo, ids), strict=True)]
+
+    def _encode_token_ids(self, todo: Sequence[Planned], token_ids: Sequence[Sequence[int]]) -> list[EncodedMemory]:
+        """Stage 1 of tokenized documents, cast to the bank dtype on the model's device."""
+        if not todo:
+            return []
+        return stages.encode_documents(self.model, [(p.number, p.text) for p in todo], names=[p.user_id for p in todo],
+                                       token_ids=token_ids, dtype=self.storage_dtype)
+
+    @staticmethod
+    def _document_write(p: Planned, mem: EncodedMemory) -> DocumentWrite:
+        return DocumentWrite(user_id=p.user_id, number=p.number, text=p.text, content_hash=p.content_hash, memory=mem)
+
+    def _commit_batch(self, batch: pipeline.Batch) -> WriteReport:
+        """The pipeline's commit step (its worker thread): one batch, one atomic Bank.write."""
+        return self.bank.write(batch.writes)
 
     def put(self, items: Sequence[tuple[str, str]]) -> WriteReport:
         """Add or update a batch of (id, text) atomically; unchanged texts are skipped, not re-encoded."""
@@ -218,23 +228,16 @@ class Engine:
         return _with_unchanged(report, unchanged), sum(w.memory.n_tokens for w in writes)
 
     def ingest(self, records: Iterable[Sequence[tuple[str, str]]] | Iterable[tuple[str, str]], *,
-               batch_size: int = 32, progress: Progress | None = None) -> WriteReport:
+               batch_size: int = 32, progress: Progress | None = None, pipelined: bool = True) -> WriteReport:
         """Ingest documents, committing one batch at a time (resumable: re-running skips what is committed).
 
         `records` is an iterable of (id, text) pairs or of batches of them (the corpus readers yield batches).
+        Batches commit in order, each atomically; stage 1 runs over windows of batches and the commit of one
+        window overlaps stage 1 of the next (`msabank.pipeline`). An error commits exactly the batches before
+        the one that failed and raises the original exception. `pipelined=False` commits on this thread,
+        one stage at a time (the same bytes).
         """
-        totals = [0, 0, 0, 0]
-        version = self.bank.version
-        docs = tokens = 0
-        for batch in _batches(records, batch_size):
-            r, encoded = self._put(batch)
-            totals = [totals[0] + r.added, totals[1] + r.updated, totals[2] + r.unchanged, totals[3] + r.deleted]
-            version = r.version
-            docs += len(batch)
-            tokens += encoded
-            if progress:
-                progress(docs, tokens)
-        return WriteReport(added=totals[0], updated=totals[1], unchanged=totals[2], deleted=totals[3], version=version)
+        return pipeline.ingest(self, _batches(records, batch_size), progress=progress, threaded=pipelined)
 
     def sync(self, records: Iterable[Sequence[tuple[str, str]]] | Iterable[tuple[str, str]], *,
              batch_size: int = 32, progress: Progress | None = None) -> WriteReport:
@@ -450,11 +453,6 @@ def _dtype_name(dt: Any) -> str:
 
 def _torch_dtype(name: str) -> torch.dtype:
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
-
-
-def _cast(mem: EncodedMemory, dt: torch.dtype) -> EncodedMemory:
-    return EncodedMemory(mem.n_tokens, *(t.to("cpu", dt).contiguous() for t in
-                                         (mem.routing_keys, mem.content_k, mem.content_v)))
 
 
 def _with_unchanged(r: WriteReport, unchanged: int) -> WriteReport:
