@@ -27,7 +27,7 @@ from msabank.kernels.reference import (doc_scores_ref, normalize_heads, routing_
                                       routing_topk_ref, row_scores_ref, span_index)
 from msabank.kernels import attention, chunk_pool, sparse_attention
 from msabank.model import MSAModel
-from msabank.prompt import Prompt, Tokenizer, document_ids, template_parts
+from msabank.prompt import Prompt, Tokenizer, documents_ids, template_parts
 from msabank.types import EncodedMemory, MemoryView, Routed
 
 Trace = Callable[[str, torch.Tensor], None]
@@ -155,7 +155,7 @@ def document_token_ids(model: MSAModel, docs: Sequence[tuple[int, str]], names: 
     first document longer than `max_document_tokens` (its id, its length, the limit), before any encoding."""
     tok = _tokenizer(model)
     limit = max_document_tokens(model)
-    seqs = [document_ids(tok, n, text) for n, text in docs]
+    seqs = documents_ids(tok, docs)  # one batch: every core (a per-document encode cost ~50-250 µs)
     for i, ids in enumerate(seqs):
         if len(ids) > limit:
             name = repr(names[i]) if names is not None else f"[{docs[i][0]}]"
