@@ -54,6 +54,7 @@ def bench(
     questions: Optional[int] = typer.Option(None, "--questions", help="e2e: questions timed for time to first "
                                             "token (median; default 5, tiny 2)."),
     question_tokens: int = typer.Option(64, "--question-tokens", help="e2e: tokens per question prompt."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="lifecycle: documents per committed batch."),
 ) -> None:
     """Benchmark routing and content fetch (vs bank size, against measured floors), storage, the whole lifecycle, or
     end to end at a model geometry (e2e)."""
@@ -67,7 +68,7 @@ def bench(
         from msabank.bench.lifecycle import run_lifecycle_bench
 
         out.mkdir(parents=True, exist_ok=True)
-        res = run_lifecycle_bench(model=model, docs=docs, device=device)
+        res = run_lifecycle_bench(model=model, docs=docs, device=device, batch_size=batch_size)
         (out / "bench_lifecycle.json").write_text(json.dumps(res, indent=2))
         i, a, u = res["ingest"], res["ask"], res["update_to_visible"]
         out_console.print(f"lifecycle on {res['device']} ({res['model_dtype']}): ingest {i['tokens']} tokens at "
