@@ -22,9 +22,29 @@ def _device_name(device: torch.device) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+def stage1_flops(model: Any, lengths: list[int]) -> float:
+    """FLOPs stage 1 needs for documents of these lengths (the floor, not what padding costs): every
+    matrix of the layers below the last router layer (its MLP and output projection never run), the last
+    router layer's K, V and router-K projections, and causal attention, 4·H·D·n(n+1)/2 per layer and
+    document (QKᵀ and PV over the n(n+1)/2 causal pairs)."""
+    cfg = model.config
+    last = max(cfg.router_layers)
+    per_token = 0
+    for i, layer in enumerate(model.model.layers[: last + 1]):
+        for name, p in layer.named_parameters():
+            if p.dim() != 2 or "router_q_proj" in name:  # router_q only scores questions (stage 2)
+                continue
+            if i == last and not ("k_proj" in name or "v_proj" in name):
+                continue
+            per_token += 2 * p.numel()
+    attention = 4 * cfg.num_heads * cfg.head_dim * last * sum(n * (n + 1) / 2 for n in lengths)
+    return float(per_token * sum(lengths) + attention)
+
+
 def run_lifecycle_bench(*, model: str | None = None, docs: int = 2000, questions: int = 12, device: str | None = None,
                         seed: int = 7, batch_size: int = 64) -> dict[str, Any]:
     from msabank import pipeline, stages
+    from msabank.bench.routing import gemm_flops
     from msabank.engine import Engine
     from msabank.synth import World
 
@@ -46,6 +66,12 @@ def run_lifecycle_bench(*, model: str | None = None, docs: int = 2000, questions
                          "tokens_per_s": st.tokens / ingest_s, "docs_per_s": rep.added / ingest_s,
                          "batch_size": batch_size, "window_tokens": pipeline.WINDOW_TOKENS,
                          "bytes_on_disk": st.bytes_on_disk, "tensor_bytes_per_token": st.tensor_bytes_on_disk / st.tokens}
+        # the stage-1 FLOP floor of this corpus at the GEMM rate measured now (bf16 8192³ on a GPU, fp32 512³
+        # on a CPU: msabank.bench.routing.gemm_flops), so the ratio holds on a noisy machine
+        flops = stage1_flops(eng.model, [r.n_tokens for r in eng.bank.list(text=False)])
+        rate = gemm_flops(eng.model.device)
+        out["ingest"].update({"stage1_flops": flops, "gemm_flops_per_s": rate, "stage1_floor_s": flops / rate,
+                              "of_floor": flops / rate / ingest_s})
         t = time.perf_counter()
         eng.refresh()
         out["index_load_s"] = time.perf_counter() - t
