@@ -53,6 +53,23 @@ CPU_LIVE_COLUMNS = True
 layer sliced, 153 us over the whole width). False runs the CUDA graph's full-width step (tests)."""
 
 _logged: set[str] = set()
+_compiled: dict[Callable[..., torch.Tensor], Callable[..., torch.Tensor]] = {}
+
+
+def compile_enabled() -> bool:
+    """MSABANK_DECODE_COMPILE=1: the captured step is `torch.compile`d first (inductor fuses the ~56 small
+    kernels per layer of the eager step: norms, RoPE, residual adds), one compiled function for every
+    bucket (shapes become dynamic after the first recompile). Off by default: compiling takes tens of
+    seconds per model and has not been measured against the plain graph yet."""
+    return os.environ.get("MSABANK_DECODE_COMPILE", "0") == "1"
+
+
+def _step_fn(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    if not compile_enabled():
+        return fn
+    if fn not in _compiled:
+        _compiled[fn] = torch.compile(fn)  # type: ignore[assignment]
+    return _compiled[fn]
 
 
 def resolve_mode(mode: str | None, device: torch.device) -> str:
@@ -194,8 +211,8 @@ class StepGraph:
             limits=z(batch), stops=torch.full((n_stops,), -1, dtype=torch.long, device=dev))
         self.width, self.greedy = width, greedy
         self.lock = threading.Lock()
-        self.fn: Callable[[], torch.Tensor] = ((lambda: greedy_step(model, self.state)) if greedy
-                                               else (lambda: decode_step(model, self.state)))
+        step = _step_fn(greedy_step if greedy else decode_step)
+        self.fn: Callable[[], torch.Tensor] = lambda: step(model, self.state)
         self._capture(dev)
 
     def _capture(self, dev: torch.device) -> None:
@@ -249,7 +266,7 @@ def step_graph(model: MSAModel, batch: int, width: int, n_stops: int, greedy: bo
             return None
         try:
             g = StepGraph(model, batch, width, n_stops, greedy)
-        except RuntimeError as err:  # capture refused (e.g. an op that syncs, an old driver): eager still serves
+        except RuntimeError as err:  # capture (or compile: dynamo's errors are RuntimeErrors) refused: eager serves
             graphs.failed.add(key)
             reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
             if reason not in _logged:

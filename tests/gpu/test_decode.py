@@ -102,3 +102,15 @@ def test_failed_capture_falls_back_to_eager(golden: Path, monkeypatch: pytest.Mo
             assert generate(model, prompts, mem, max_new_tokens=5, stop_ids=[], decode="graph").tokens == want
     assert D.captured_graphs(model) == 0
     assert sum("CUDA graph capture failed" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_compiled_graph_equals_eager(golden: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """MSABANK_DECODE_COMPILE=1: the torch.compile'd step, captured (not fallen back), gives eager's tokens."""
+    monkeypatch.setenv("MSABANK_DECODE_COMPILE", "1")
+    model, mem, prompts = _setup(golden, torch.float32)
+    kw = dict(max_new_tokens=[9, 5, 7], stop_ids=[], keep_logits=True)
+    eager = generate(model, prompts, mem, decode="eager", **kw)
+    graph = generate(model, prompts, mem, decode="graph", **kw)
+    assert D.captured_graphs(model) == 1
+    assert graph.tokens == eager.tokens
+    assert _err(graph.step_logits, eager.step_logits) <= 1e-4
