@@ -144,9 +144,8 @@ def test_evaluator_scores_what_the_interleave_loop_answers(monkeypatch):
         assert res[mode]["recall_at_k_per_layer"][0] == round(sum(q.gold[0] in f for q, f in zip(qs, first)) / 3, 4)
 
 
-def test_aux_layer_weights_scale_each_router_layers_term():
-    """aux_layer_weights multiplies each router layer's InfoNCE term: w=(3,0) + 3·(0,1) == 3·(1,1)."""
-    from msabank.train.core import forward
+def _tiny_model_and_batch():
+    """A 3-layer model with router layers 1-2 and one batch of 4 questions over 12 memory documents."""
     from msabank.train.data import make_batch
     from msabank.train.loop import default_model_config, new_model
 
@@ -155,6 +154,13 @@ def test_aux_layer_weights_scale_each_router_layers_term():
                                intermediate=128, router_layers=(1, 2))
     model = new_model(cfg, tok)
     batch = make_batch(tok, World(seed=4, num_docs=500), random.Random(1), questions=4, memory=12, max_doc_tokens=96)
+    return model, batch
+
+
+def test_aux_layer_weights_scale_each_router_layers_term():
+    """aux_layer_weights multiplies each router layer's InfoNCE term: w=(3,0) + 3·(0,1) == 3·(1,1)."""
+    from msabank.train.core import forward
+    model, batch = _tiny_model_and_batch()
     with torch.no_grad():
         both = forward(model, batch).aux_loss
         first = forward(model, batch, aux_layer_weights=(3.0, 0.0)).aux_loss
@@ -216,14 +222,7 @@ def test_smooth_token_max_trains_the_token_that_never_wins_the_max():
 
 def test_token_tau_changes_the_loss_not_the_selection():
     from msabank.train.core import forward
-    from msabank.train.data import make_batch
-    from msabank.train.loop import default_model_config, new_model
-
-    tok = _tok()
-    cfg = default_model_config(tok.vocab_size, layers=3, hidden=64, heads=4, kv_heads=2, head_dim=16,
-                               intermediate=128, router_layers=(1, 2))
-    model = new_model(cfg, tok)
-    batch = make_batch(tok, World(seed=4, num_docs=500), random.Random(1), questions=4, memory=12, max_doc_tokens=96)
+    model, batch = _tiny_model_and_batch()
     with torch.no_grad():
         base = forward(model, batch, force_positive=False)
         soft = forward(model, batch, force_positive=False, token_tau=0.05)
