@@ -72,7 +72,7 @@ def bench(
         (out / "bench_lifecycle.json").write_text(json.dumps(res, indent=2))
         i, a, u = res["ingest"], res["ask"], res["update_to_visible"]
         out_console.print(f"lifecycle on {res['device']} ({res['model_dtype']}): ingest {i['tokens']} tokens at "
-                          f"{i['tokens_per_s']:,.0f} tok/s ({i['of_floor']:.0%} of the stage-1 FLOP floor); index load "
+                          f"{i['tokens_per_s']:,.0f} tok/s ({i['of_floor']:.2%} of the stage-1 FLOP floor); index load "
                           f"{res['index_load_s'] * 1000:.0f} ms")
         out_console.print("ask (median ms): " + ", ".join(f"{k} {a[k] * 1000:.1f}" for k in
                           ("refresh", "route", "fetch", "prefill", "decode", "total")) + f"; rounds {a['rounds']}")
