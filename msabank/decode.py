@@ -149,8 +149,9 @@ def decode_step(model: MSAModel, st: DecodeState, live: Sequence[int] | None = N
     for i, layer in enumerate(model.model.layers):
         q, k, v = layer.self_attn.qkv(layer.input_layernorm(h), cos, sin)  # q (B, H, 1, D), k/v (B, Hkv, 1, D)
         col = st.cols[i : i + 1]
-        st.k[i].index_copy_(2, col, k)
-        st.v[i].index_copy_(2, col, v)
+        # .to: under autocast (the trainer's evaluation) a float32 model's projections come out bf16
+        st.k[i].index_copy_(2, col, k.to(st.k[i].dtype))
+        st.v[i].index_copy_(2, col, v.to(st.v[i].dtype))
         st.bias[i].index_fill_(1, col, 0.0)
         kc, vc, mask = st.k[i], st.v[i], st.bias[i]
         if live is not None:

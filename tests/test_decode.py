@@ -245,3 +245,16 @@ def test_interleave_streams_each_rounds_tokens(golden: Path) -> None:
                     assert len(got) > len(rnd.tokens) and rnd.generated.endswith(tok.decode(got[len(rnd.tokens):]))
                 else:
                     assert got == rnd.tokens
+
+
+def test_decode_under_autocast_writes_the_cache_in_its_dtype(setup) -> None:
+    """The trainer evaluates a float32 model under bf16 autocast (msabank.train.run_default): the projections
+    come out bf16 while the static cache is float32. Decode must store them in the cache's dtype (it raised
+    in index_copy_ on the H200, 2026-12-02) and choose the same tokens as the per-token loop under autocast."""
+    model, memory = setup
+    prompts = _prompts(model, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref_tokens, _, _, _ = reference_generate(model, prompts, memory, max_new_tokens=[6, 6], stop_ids=())
+        out = generate(model, prompts, memory, max_new_tokens=6, stop_ids=())
+    assert out.tokens == ref_tokens
+    assert all(len(t) == 6 for t in out.tokens)
