@@ -18,11 +18,11 @@ import torch
 
 from msabank.errors import ConfigError, KernelUnavailableError
 
-from .reference import (attention_ref, chunk_pool_ref, doc_scores_dense_ref, normalize_heads, normalize_per_head, routing_query_ref,
-                        routing_topk_batched_ref, routing_topk_ref, sparse_attention_ref)
+from .reference import (attention_ref, chunk_pool_ref, doc_scores_dense_ref, gather_rows_ref, normalize_heads, normalize_per_head,
+                        routing_query_ref, routing_topk_batched_ref, routing_topk_ref, selected_rows, sparse_attention_ref)
 
 __all__ = ["routing_topk", "routing_topk_ref", "routing_topk_batched", "routing_topk_batched_ref", "routing_query_ref", "doc_scores_dense_ref", "sparse_attention",
-           "sparse_attention_ref", "attention", "chunk_pool", "chunk_pool_ref", "gather_spans", "normalize_heads", "normalize_per_head",
+           "sparse_attention_ref", "attention", "chunk_pool", "chunk_pool_ref", "gather_spans", "gather_rows", "gather_rows_ref", "selected_rows", "normalize_heads", "normalize_per_head",
            "resolve_impl", "triton_available"]
 
 attention = attention_ref
@@ -178,3 +178,42 @@ def gather_spans(
     for s0, d0, n in spans.tolist():
         out[d0 : d0 + n].copy_(src[s0 : s0 + n], non_blocking=True)
     return "dma" if out.is_cuda and not src.is_cuda else "torch"
+
+
+_gather_rows_ok: bool | None = None  # None: not tried yet
+
+
+def gather_rows(src: torch.Tensor, layer: int, rows: torch.Tensor, *, impl: str | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """Content K and V of one router layer at `rows` (S, C) int64 (-1: zero padding), each (S, Hkv, C, D) on
+    rows' device (`reference.gather_rows_ref`). src: the arena (arena_rows, R, 2, Hkv, D).
+
+    rows on CUDA with src pinned host memory (or on that GPU): the Triton kernel reads the rows in place
+    (zero-copy), one launch, no host sync. Where it cannot run (no Triton, impl="torch", the driver refuses
+    the host pointer), src on rows' device takes the reference; a host src with CUDA rows then costs one
+    sync (the rows come to the host, the reference gathers there, the result goes up). Returns (k, v, path)
+    with path "zero-copy", "device", "torch" or "synced".
+    """
+    global _gather_module, _gather_rows_ok
+    dev = rows.device
+    if rows.is_cuda and _gather_rows_ok is not False and resolve_impl(impl, src if src.is_cuda else rows) == "triton":
+        if _gather_module is None:
+            from . import triton_gather
+
+            _gather_module = triton_gather
+        _, _, _, hkv, d = src.shape
+        out = torch.empty(2, rows.shape[0], hkv, rows.shape[1], d, dtype=src.dtype, device=dev)
+        try:
+            _gather_module.gather_rows_triton(src, layer, rows.contiguous(), out)
+            _gather_rows_ok = True
+            return out[0], out[1], "device" if src.is_cuda else "zero-copy"
+        except (RuntimeError, ValueError) as err:  # e.g. the driver refuses a host pointer
+            if src.is_cuda:
+                raise
+            _gather_rows_ok = False
+            log.info("zero-copy row gather unavailable (%s): the prefill fetch syncs once per layer", err)
+    if src.device == dev:
+        k, v = gather_rows_ref(src, layer, rows)
+        return k, v, "torch"
+    k, v = gather_rows_ref(src, layer, rows.cpu())
+    return k.to(dev, non_blocking=True), v.to(dev, non_blocking=True), "synced"

@@ -269,6 +269,60 @@ def span_index(starts: torch.Tensor, counts: torch.Tensor, seq: torch.Tensor, nu
     return index, lengths
 
 
+def selected_rows(numbers: torch.Tensor, doc_start: torch.Tensor, doc_count: torch.Tensor, columns: int | None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Content rows of each sample's selected documents, laid side by side: the device-side span table.
+
+    numbers: (S, K) int64 document numbers per sample in any order, -1 = none (top-k padding); a number
+    may repeat (counted once). doc_start, doc_count: (N,) int64, document number -> first content row and
+    chunk count (count 0: no content). Returns rows (S, columns) int64, sample s's documents in ascending
+    number order (the official context order), each document's rows start..start+count-1, then -1 past
+    lengths[s]; and lengths (S,) int64. A sample whose chunks exceed `columns` is cut at `columns` (the
+    caller's bound must cover the largest selection). With a given `columns` only torch ops with shapes
+    known on the host (sort, gather, cumsum, searchsorted): no host sync, the same ops on CPU and CUDA.
+    columns=None: the longest sample's length (a host read of it: free on CPU, a sync on CUDA).
+    """
+    s, k = numbers.shape
+    dev = numbers.device
+    if k == 0 or doc_count.shape[0] == 0:
+        return (torch.full((s, columns or 0), -1, dtype=torch.int64, device=dev),
+                torch.zeros(s, dtype=torch.int64, device=dev))
+    big = torch.iinfo(torch.int64).max
+    n = torch.where(numbers >= 0, numbers, big).sort(dim=1).values  # ascending, padding last
+    live = n != big
+    live[:, 1:] &= n[:, 1:] != n[:, :-1]  # a repeated number counts once
+    safe = torch.where(live, n, 0).clamp_max(doc_count.shape[0] - 1)
+    count = torch.where(live & (n < doc_count.shape[0]), doc_count[safe], 0)  # (S, K)
+    end = count.cumsum(1)
+    begin = end - count
+    lengths = end[:, -1]
+    if columns is None:
+        columns = int(lengths.max()) if s else 0
+    col = torch.arange(columns, device=dev).expand(s, columns).contiguous()
+    j = torch.searchsorted(end, col, right=True).clamp_max(k - 1)  # the document holding each column
+    rows = doc_start[safe].gather(1, j) + col - begin.gather(1, j)
+    return torch.where(col < lengths[:, None], rows, -1), lengths
+
+
+def gather_rows_ref(src: torch.Tensor, layer: int, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Content K and V of one router layer at `rows` in the layout attention reads (the CPU path and the
+    oracle of `triton_gather.gather_rows_triton`).
+
+    src: the content arena (arena_rows, R, 2, Hkv, D); rows: (S, C) int64, -1 = padding (zeros). Returns
+    k, v (S, Hkv, C, D) in src's dtype on rows' device (src must be there too): one index_select of the
+    layer's (2, Hkv, D) slices.
+    """
+    s, c = rows.shape
+    _, _, _, hkv, d = src.shape
+    if src.shape[0] == 0 or rows.numel() == 0:
+        e = torch.zeros(s, hkv, c, d, dtype=src.dtype, device=rows.device)
+        return e, e.clone()
+    flat = rows.reshape(-1)
+    kv = src[:, layer].index_select(0, flat.clamp_min(0)).masked_fill_((flat < 0).view(-1, 1, 1, 1), 0)
+    kv = kv.view(s, c, 2, hkv, d)
+    return kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+
+
 def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """GQA attention with softmax scale D**-0.5.
 
