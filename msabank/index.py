@@ -24,7 +24,7 @@ import torch
 
 from msabank.errors import BankCorruptedError, DocumentNotFoundError, InputError
 from msabank.kernels import routing_topk, routing_topk_batched
-from msabank.kernels.reference import span_index
+from msabank.kernels.reference import selected_rows, span_index
 from msabank.types import Routed
 
 if TYPE_CHECKING:
@@ -313,11 +313,15 @@ class ContentStore:
         self._pool_top = 0
         self._slot: dict[int, int] = {}  # number → first pool row
         self._ready: torch.cuda.Event | None = None  # recorded after the latest transfer
-        self.bytes_copied = 0  # host → device bytes since creation (benchmarks, tests)
+        self.bytes_copied = 0  # host → device bytes of `prefetch` since creation (benchmarks, tests); `gather_rows`
+        # is not counted: its byte count (the selection's lengths) is on the device
         self.last_path = ""  # how the latest transfer ran: zero-copy | dma | torch
         self._inflight: list[tuple[torch.cuda.Event, torch.Tensor]] = []  # span tables in use on the GPU
         self.timing = False  # record (start, end) events around each transfer in `last_transfer`
         self.last_transfer: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
+        self._table: tuple[torch.Tensor, torch.Tensor, np.ndarray] | None = None  # see `document_table`
+        self._table_ok = True  # False: a document with several row ranges (no single-span table)
+        self._reads: torch.cuda.Event | None = None  # after the latest device-side read of the arena
 
     def __len__(self) -> int:
         return len(self._segs.ranges)
@@ -359,6 +363,7 @@ class ContentStore:
         total = sum(int(t.shape[0]) for t in contents)
         if self._size + total > self._arena.shape[0]:
             self.reserve(_grow(self._arena.shape[0], self._size + total))
+        self.changed()
         pos = self._size
         for n, t in zip(numbers, contents):
             c = int(t.shape[0])
@@ -376,6 +381,7 @@ class ContentStore:
             self.compact()
 
     def _kill(self, numbers: set[int]) -> None:
+        self.changed()
         for n in numbers:
             self._dead += self._segs.rows_of(n)
             del self._segs.ranges[n]
@@ -392,10 +398,62 @@ class ContentStore:
         self._arena[:live] = self._arena[: self._size][idx]
         self._segs.remap(np.cumsum(keep) - keep)
         self._size, self._dead = live, 0
+        self.changed()
 
     def _sync_copies(self) -> None:
         if self._stream is not None:
             self._stream.synchronize()
+        if self._reads is not None:  # a prefill's zero-copy gather may still be reading the arena
+            self._reads.synchronize()
+
+    # -- device-side document table (the prefill's select-and-fetch) -----------------------------------
+    def changed(self) -> None:
+        """Forget the device document table: call after changing which rows hold which document."""
+        self._table = None
+
+    def document_table(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(doc_start, doc_count) (N,) int64 on the device, document number -> first arena row and chunk
+        count (0: not here), N = max number + 1; None when a document's rows are not one range (never
+        after `add`, which writes each document contiguously). Built on the host once per bank change
+        (numpy, one upload per tensor), so a prefill turns selected numbers into rows on the device."""
+        if self._table is None:
+            ranges = self._segs.ranges
+            self._table_ok = all(len(rs) == 1 for rs in ranges.values())
+            if not self._table_ok:
+                return None
+            n = max(ranges, default=-1) + 1
+            start = np.zeros(n, dtype=np.int64)
+            count = np.zeros(n, dtype=np.int64)
+            if ranges:
+                nums = np.fromiter(ranges, dtype=np.int64, count=len(ranges))
+                sc = np.array([rs[0] for rs in ranges.values()], dtype=np.int64).reshape(-1, 2)
+                start[nums], count[nums] = sc[:, 0], sc[:, 1]
+            largest = np.sort(count)[::-1].copy()  # chunk counts, descending: the column bound's sums
+            self._table = (torch.from_numpy(start).to(self.device), torch.from_numpy(count).to(self.device), largest)
+        elif not self._table_ok:
+            return None
+        return self._table[0], self._table[1]
+
+    def column_bound(self, k: int) -> int:
+        """Most chunks k distinct documents of this store can hold: the sum of the k largest chunk counts
+        (a static bound on a selection's columns, known on the host without reading the selection)."""
+        if self.document_table() is None:
+            raise InputError("no document table: a document's rows are not one range")
+        assert self._table is not None
+        return int(self._table[2][:k].sum())
+
+    def gather_rows(self, layer_index: int, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Content K and V of one router layer at arena `rows` (S, C) (-1: zero padding), each (S, Hkv, C, D)
+        on rows' device, in the store's dtype (`kernels.gather_rows`: zero-copy from the pinned arena on
+        CUDA, no host sync; the reference on CPU). Only this layer's slice of the selected rows is read."""
+        from msabank.kernels import gather_rows
+
+        k, v, self.last_path = gather_rows(self._arena, layer_index, rows, impl=None if self.pin else "torch")
+        if self._cuda:
+            if self._reads is None:
+                self._reads = torch.cuda.Event()
+            self._reads.record()  # the arena may not move or change under the kernel: see `_sync_copies`
+        return k, v
 
     # -- device pool ---------------------------------------------------------------------------------
     def clear_cache(self) -> None:
@@ -666,37 +724,121 @@ class BankIndex:
         self.version = ch.version
 
 
+MAX_STATIC_COLUMNS = 4096
+"""Largest static column bound (top_k × the largest documents' chunks) the device prefill path takes; past
+it (e.g. 16 documents of 4,096 tokens at chunk size 16: 4,096 columns per layer of mostly padding) a prefill
+takes the synced path, which sizes the columns by the selection."""
+COLUMN_BUCKET = 64
+"""The static bound is rounded up to a multiple of this, so a bank change rarely changes cache widths."""
+
+
+class _Timer:
+    """Accumulated seconds of host-timed (CPU) or event-timed (CUDA) spans; CUDA spans are read only when
+    the total is asked for (after the generation's own sync), so timing never waits on the device."""
+
+    def __init__(self, cuda: bool) -> None:
+        self.cuda = cuda
+        self.host_s = 0.0
+        self.pending: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+
+    def start(self) -> Any:
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def stop(self, mark: Any) -> None:
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self.pending.append((mark, ev))
+        else:
+            self.host_s += time.perf_counter() - mark
+
+    @property
+    def seconds(self) -> float:
+        for a, b in self.pending:
+            b.synchronize()
+            self.host_s += a.elapsed_time(b) / 1e3
+        self.pending.clear()
+        return self.host_s
+
+
 class BankMemory:
     """`MemoryView` over the routing index and the content store (one consistent bank version).
 
     `router` is a `RoutingIndex`, or a `ShardedRoutingIndex` when several ranks each hold a shard (memory
     parallel): then documents another rank owns are read from the bank snapshot on demand (once per
-    question). Accumulates the wall time of routing and of content fetches (device-synchronised on CUDA,
-    where the work is asynchronous) so `ask` can report time by stage.
+    question). Accumulates the time of routing (`route_s`) and of content fetches (`fetch_s`) so `ask` can
+    report time by stage: host wall time on CPU; on CUDA the device time between CUDA events recorded
+    around each routing and each fetch (read after the generation has synced; never a synchronize of its
+    own), which on the device prefill path is the routing kernels' and the row gather's time on the stream.
+
+    `prefill_selection` is the device prefill path (`stages._prefill` uses it when it returns one): routing
+    top-k and the content fetch of every router layer stay on the device, and the host learns the selections
+    once, after the last layer. `device_prefill = False` (on the instance or the class) forces the synced
+    path: per layer `route_batch` (the numbers come to the host), then `content_kv_batch`.
     """
+
+    device_prefill = True
 
     def __init__(self, router: Any, content: ContentStore, top_k: int, snap: Snapshot | None = None) -> None:
         self.router = router
         self.content = content
         self.top_k = top_k
         self.snap = snap
-        self.route_s = 0.0
-        self.fetch_s = 0.0
-        self._remote: dict[int, torch.Tensor] = {}  # number -> (C, R, 2, Hkv, D) on the device
         self._cuda = content.device.type == "cuda"
+        self._route_t = _Timer(self._cuda)
+        self._fetch_t = _Timer(self._cuda)
+        self._remote: dict[int, torch.Tensor] = {}  # number -> (C, R, 2, Hkv, D) on the device
 
-    def _sync(self) -> None:
-        if self._cuda:
-            torch.cuda.synchronize()
+    @property
+    def route_s(self) -> float:
+        return self._route_t.seconds
+
+    @property
+    def fetch_s(self) -> float:
+        return self._fetch_t.seconds
+
+    def prefill_selection(self, num_seqs: int, given: Sequence[Sequence[Routed] | None] | None = None,
+                          *, static_columns: bool | None = None) -> PrefillSelection | None:
+        """A device-side select-and-fetch for one prefill of `num_seqs` samples, or None where the synced path
+        must serve: memory parallel (other ranks' documents come from the snapshot), routing index and
+        content on different devices, a pageable arena on CUDA (not device-addressable), or a static column
+        bound past MAX_STATIC_COLUMNS. `given[s]`: sample s's replayed selection (one `Routed` per router
+        layer), uploaded once. `static_columns` (default: on CUDA) sizes the columns by top_k × the largest
+        documents' chunks instead of the selection (reading the selection's size is a sync on CUDA; on CPU
+        it is free, and the exact size keeps the caches those of the synced path, byte for byte)."""
+        if not self.device_prefill or not isinstance(self.router, RoutingIndex):
+            return None
+        content = self.content
+        if self.router.device != content.device or (self._cuda and not content.pin):
+            return None
+        table = content.document_table()
+        if table is None:
+            return None
+        k = self.top_k
+        given = list(given) if given is not None else [None] * num_seqs
+        if len(given) != num_seqs:
+            raise InputError(f"{len(given)} given selections for {num_seqs} samples")
+        k = max([k] + [int(r.numbers.numel()) for g in given if g is not None for r in g])
+        static = self._cuda if static_columns is None else static_columns
+        columns = None
+        if static:
+            columns = -(-max(1, content.column_bound(k)) // COLUMN_BUCKET) * COLUMN_BUCKET
+            if columns > MAX_STATIC_COLUMNS:
+                return None
+        return PrefillSelection(self, num_seqs, k, columns, table, given)
 
     def route(self, layer_index: int, query: torch.Tensor) -> Routed:
-        t = time.perf_counter()
+        t = self._route_t.start()
         out = self.router.search(layer_index, query, self.top_k)  # returns CPU tensors: already synced
-        self.route_s += time.perf_counter() - t
+        self._route_t.stop(t)
         return out
 
     def content_kv(self, layer_index: int, numbers: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        t = time.perf_counter()
+        t = self._fetch_t.start()
         nums = sorted(int(n) for n in numbers)
         if all(n in self.content for n in nums):
             out = self.content.fetch(layer_index, nums)
@@ -704,32 +846,30 @@ class BankMemory:
             parts = [self.content.fetch(layer_index, [n]) if n in self.content else self._remote_kv(layer_index, n)
                      for n in nums]
             out = (torch.cat([k for k, _ in parts]), torch.cat([v for _, v in parts]))
-        self._sync()
-        self.fetch_s += time.perf_counter() - t
+        self._fetch_t.stop(t)
         return out
 
     def route_batch(self, layer_index: int, queries: Sequence[torch.Tensor]) -> list[Routed]:
         """`route` for every question of a batch: one scan of the layer (a `RoutingIndex`); under memory
         parallel one collective search per question, in order, as every rank expects."""
-        t = time.perf_counter()
+        t = self._route_t.start()
         if hasattr(self.router, "search_batch"):
             out = self.router.search_batch(layer_index, queries, self.top_k)  # CPU tensors: synced
         else:
             out = [self.router.search(layer_index, q, self.top_k) for q in queries]
-        self.route_s += time.perf_counter() - t
+        self._route_t.stop(t)
         return out
 
     def content_kv_batch(self, layer_index: int, numbers: Sequence[Sequence[int]]
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """k, v (B, Hkv, C_max, D) and lengths (B,) on the device (`ContentStore.fetch_batch`)."""
-        t = time.perf_counter()
+        t = self._fetch_t.start()
         nums = [sorted({int(n) for n in ns}) for ns in numbers]
         if all(n in self.content for ns in nums for n in ns):
             out = self.content.fetch_batch(layer_index, nums)
         else:  # memory parallel: some documents live in another rank's shard; assembled per sample
             out = self._assemble(layer_index, nums)
-        self._sync()
-        self.fetch_s += time.perf_counter() - t
+        self._fetch_t.stop(t)
         return out
 
     def _assemble(self, layer_index: int, nums: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -756,6 +896,110 @@ class BankMemory:
             self._remote[number] = kv.to(self.content.device, self.content.dtype)
         kv = self._remote[number]
         return kv[:, layer_index, 0], kv[:, layer_index, 1]
+
+
+class PrefillSelection:
+    """One prefill's routing and content fetch on the device (`BankMemory.prefill_selection`).
+
+    `layer(r, query, seq)` per router layer, in order: top-k of the samples' routing-query rows
+    (`kernels.routing_topk_batched`, device tensors), replayed selections swapped in (`torch.where`), the
+    selected documents' arena rows from the device document table (`kernels.selected_rows`) and this
+    layer's K/V gathered into the (S, Hkv, C, D) layout (`kernels.gather_rows`): no host sync, no Python per
+    document. `finish()` brings every layer's numbers and scores to the host in one copy and returns the
+    `Routed` lists the synced path builds, bit for bit.
+    """
+
+    def __init__(self, memory: BankMemory, num_seqs: int, k: int, columns: int | None,
+                 table: tuple[torch.Tensor, torch.Tensor], given: list[Sequence[Routed] | None]) -> None:
+        self.memory = memory
+        self.num_seqs = num_seqs
+        self.k = k
+        self.columns = columns
+        """Static column count of every layer's fetch, or None: the selection's size (a host read)."""
+        self.doc_start, self.doc_count = table
+        self.given = given
+        dev = memory.content.device
+        self._given_any = any(g is not None for g in given)
+        if self._given_any:  # every given layer's numbers in one upload: (R, S, k), -1 padding
+            r_layers = memory.router.num_router_layers
+            nums = np.full((r_layers, num_seqs, k), -1, dtype=np.int64)
+            scores = np.full((r_layers, num_seqs, k), -np.inf, dtype=np.float32)
+            mask = np.zeros(num_seqs, dtype=bool)
+            for s, g in enumerate(given):
+                if g is None:
+                    continue
+                if len(g) != r_layers:
+                    raise InputError(f"a given selection has {len(g)} layers; the bank has {r_layers} router layers")
+                mask[s] = True
+                for r, sel in enumerate(g):
+                    n = int(sel.numbers.numel())
+                    nums[r, s, :n] = sel.numbers.numpy()
+                    scores[r, s, :n] = sel.scores.numpy()
+            self._given = (torch.from_numpy(nums).to(dev), torch.from_numpy(scores).to(dev),
+                           torch.from_numpy(mask).to(dev)[:, None])
+        self._numbers: list[torch.Tensor] = []
+        self._scores: list[torch.Tensor] = []
+
+    def layer(self, layer_index: int, query: torch.Tensor, seq: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Router layer `layer_index` (called for 0, 1, ... in order). query (T_all, dim): the routing rows
+        of the samples that route (not given ones), seq (T_all,) int64 their sample ids, both on the device.
+        Returns k, v (S, Hkv, C, D) in the store's dtype and lengths (S,) int64, on the device."""
+        if layer_index != len(self._numbers):
+            raise InputError(f"router layer {layer_index} out of order (expected {len(self._numbers)})")
+        mem, index, dev = self.memory, self.memory.router, self.memory.content.device
+        t = mem._route_t.start()
+        s, k = self.num_seqs, self.k
+        if query.shape[0]:
+            keys, row_doc, num_docs = index.layer(layer_index)
+            scores, idx = routing_topk_batched(query.to(index.device), seq.to(index.device), s, keys, row_doc,
+                                               num_docs, mem.top_k, impl=index.impl)
+            if k > mem.top_k:  # a replayed selection is wider than top_k
+                scores = torch.nn.functional.pad(scores, (0, k - mem.top_k), value=float("-inf"))
+                idx = torch.nn.functional.pad(idx, (0, k - mem.top_k), value=-1)
+        else:
+            scores = torch.full((s, k), float("-inf"), dtype=torch.float32, device=dev)
+            idx = torch.full((s, k), -1, dtype=torch.int64, device=dev)
+        if self._given_any:
+            g_nums, g_scores, g_mask = self._given
+            idx = torch.where(g_mask, g_nums[layer_index], idx)
+            scores = torch.where(g_mask, g_scores[layer_index], scores)
+        self._numbers.append(idx)
+        self._scores.append(scores)
+        mem._route_t.stop(t)
+        t = mem._fetch_t.start()
+        rows, lengths = selected_rows(idx, self.doc_start, self.doc_count, self.columns)
+        ck, cv = mem.content.gather_rows(layer_index, rows)
+        mem._fetch_t.stop(t)
+        return ck, cv, lengths
+
+    def finish(self) -> list[list[Routed]]:
+        """[layer][sample] `Routed` of every layer so far: one device-to-host copy of all numbers and scores
+        (the prefill's one wait for them). A given sample gets its given `Routed` objects back. Raises
+        DocumentNotFoundError when a selected document has no content (index and store disagree)."""
+        if not self._numbers:
+            return []
+        nums = torch.stack(self._numbers)  # (R, S, k)
+        scores = torch.stack(self._scores).to(torch.float64).view(torch.int64)  # exact: fp32 ⊂ fp64
+        host = torch.stack([nums, scores]).cpu().numpy()
+        nums_np, scores_np = host[0], host[1].view(np.float64).astype(np.float32)
+        content = self.memory.content
+        out: list[list[Routed]] = []
+        for r in range(nums_np.shape[0]):
+            layer = []
+            for s in range(self.num_seqs):
+                g = self.given[s]
+                if g is not None:
+                    layer.append(g[r])
+                    continue
+                keep = nums_np[r, s] >= 0
+                n = nums_np[r, s][keep]
+                for x in n.tolist():
+                    if x not in content:
+                        raise DocumentNotFoundError(f"#{x}", hint="the routing index and the content store disagree")
+                layer.append(Routed(numbers=torch.from_numpy(n), scores=torch.from_numpy(scores_np[r, s][keep])))
+            out.append(layer)
+        return out
 
 
 class SnapshotDocuments:

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
+import numpy as np
 import torch
 
 from msabank.config import ModelConfig
@@ -501,12 +502,33 @@ def _prefill(
     trace: Trace | None,
     selected: Sequence[Sequence[Routed] | None] | None = None,
 ) -> tuple[list[LayerCache], list[list[Routed]], torch.Tensor]:
+    """Route, fetch and run the prompt forward; returns every layer's cache, routed[sample][layer_index] and
+    the last position's logits (B, V) float32 on the device.
+
+    Two paths for routing and fetch. The device path (a memory with `prefill_selection`, e.g. BankMemory
+    over one RoutingIndex): each router layer's top-k and content gather stay on the device, the chunk
+    columns are a static bound on CUDA (`LayerCache.valid` masks the padding), and the host learns the
+    selections once, after the last layer: `on_route` fires then, layer by layer. The synced path (any
+    other MemoryView, memory parallel, a bound past `index.MAX_STATIC_COLUMNS`): per router layer
+    `route_batch` brings the numbers to the host, `content_kv_batch` fetches them, `on_route` fires as each
+    layer selects. On CPU both give the same selections, caches and logits, bit for bit.
+    """
     cfg, dev, dt = model.config, model.device, model.dtype
     b, t = batch.input_ids.shape
     t0 = template[0].shape[2]
     cos, sin = model.rope(batch.positions)
     causal = torch.ones(t, t, dtype=torch.bool, device=dev).tril()[None] & batch.attention_mask[:, None, :]  # (B, T, T)
-    route_mask = batch.routing_mask & batch.attention_mask
+    # The routing tokens' rows of the (B·T, Hkv·D) routing queries, found once per prefill from the mask
+    # (it came from the host: one small read before the forward, instead of a boolean index, a sync, per
+    # sample per router layer). Samples with a replayed selection or no routing token do not route.
+    route_np = (batch.routing_mask & batch.attention_mask).cpu().numpy()
+    per_sample = route_np.sum(1)
+    routes = np.array([per_sample[s] > 0 and (selected is None or selected[s] is None) for s in range(b)])
+    rows_np = np.flatnonzero((route_np & routes[:, None]).reshape(-1))
+    rows = torch.from_numpy(rows_np).to(dev)
+    lens = [int(n) if routes[s] else 0 for s, n in enumerate(per_sample)]
+    device_sel = memory.prefill_selection(b, selected) if hasattr(memory, "prefill_selection") else None
+    seq = torch.from_numpy(rows_np // t).to(dev) if device_sel is not None else None
     routed: list[list[Routed]] = [[] for _ in range(b)]
     caches: list[LayerCache] = []
     h = model.model.embed_tokens(batch.input_ids)
@@ -520,14 +542,20 @@ def _prefill(
             qr = attn.router_q(x)
             if trace:  # the official intermediate is the query as scored: normalised per head under cosine
                 trace(f"prefill/L{i}/routing_q", normalize_heads(qr).to(qr.dtype) if cfg.routing_rule == "cosine" else qr)
-            sels = _route_layer(memory, r, routing_queries(qr, route_mask, cfg), selected)
-            for s, sel in enumerate(sels):
-                routed[s].append(sel)
-                if on_route:
-                    on_route(s, r, sel)
-            # One gather for every sample's chunks. The numbers came back to the host with the routing (the
-            # layer's one sync): the content store keeps its device pool's bookkeeping on the host.
-            chunk_k, chunk_v, chunk_len = memory.content_kv_batch(r, [sel.numbers.tolist() for sel in sels])
+            g = routing_query_ref(qr, cfg.num_kv_heads, cfg.routing_scale, cfg.routing_rule == "cosine")  # (B, T, Hkv*D)
+            query = g.reshape(b * t, -1).index_select(0, rows)  # the routing samples' rows, sample by sample
+            if device_sel is not None:
+                assert seq is not None
+                chunk_k, chunk_v, chunk_len = device_sel.layer(r, query, seq)
+            else:
+                sels = _route_layer(memory, r, list(query.split(lens)), selected)
+                for s, sel in enumerate(sels):
+                    routed[s].append(sel)
+                    if on_route:
+                        on_route(s, r, sel)
+                # One gather for every sample's chunks. The numbers came back to the host with the routing (the
+                # layer's one sync): the content store keeps its device pool's bookkeeping on the host.
+                chunk_k, chunk_v, chunk_len = memory.content_kv_batch(r, [sel.numbers.tolist() for sel in sels])
         c_max = chunk_k.shape[2] if chunk_k is not None else 0
         p0 = t0 + c_max
         size = cache_width(p0 + t + max_new_tokens)  # bucketed: decode's captured graphs are per width
@@ -561,13 +589,20 @@ def _prefill(
         trace("prefill/final_norm_out", hn)
         trace("prefill/logits", model.lm_head(hn).float())
     logits = model.lm_head(model.model.norm(h[:, -1])).float()  # only the last position
+    if device_sel is not None:  # the selections reach the host once, after every layer is queued
+        for r, sels in enumerate(device_sel.finish()):
+            for s, sel in enumerate(sels):
+                routed[s].append(sel)
+                if on_route:
+                    on_route(s, r, sel)
     return caches, routed, logits
 
 
 def _route_layer(memory: MemoryView, r: int, queries: list[torch.Tensor],
                  selected: Sequence[Sequence[Routed] | None] | None) -> list[Routed]:
     """Each sample's selection at router layer r: replayed from `selected` (the answer hand-off, spec §6.2),
-    nothing without routing tokens, else routed, every routing sample in one `route_batch` call."""
+    nothing without routing tokens, else routed, every routing sample in one `route_batch` call.
+    queries[s]: sample s's routing-query rows (empty for a sample that does not route)."""
     given = [selected[s] if selected is not None else None for s in range(len(queries))]
     todo = [s for s, q in enumerate(queries) if given[s] is None and q.shape[0]]
     fresh = dict(zip(todo, memory.route_batch(r, [queries[s] for s in todo]))) if todo else {}

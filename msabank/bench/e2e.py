@@ -292,6 +292,7 @@ class PooledContentStore(ContentStore):
         ranges = self._segs.ranges
         for n, s in zip(numbers, sources):
             ranges[int(n)] = ranges[int(s)]  # the same (start, count) list: never mutated (nothing is removed)
+        self.changed()  # the device document table is rebuilt with the aliases
 
 
 @dataclass

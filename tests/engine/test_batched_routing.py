@@ -1,6 +1,7 @@
 """Batched routing and fetch in the engine: ask/ask_batch answers and evidence are those of routing and
-fetching one question at a time (the pre-batching path, rebuilt here from route/content_kv), and prefill
-makes one route_batch and one content_kv_batch call per router layer whatever the batch size."""
+fetching one question at a time (the pre-batching path, rebuilt here from route/content_kv), on the device
+prefill path (BankMemory.prefill_selection) and on the synced path, which makes one route_batch and one
+content_kv_batch call per router layer whatever the batch size."""
 
 from __future__ import annotations
 
@@ -59,6 +60,10 @@ def test_ask_batch_equals_per_question_routing_and_fetch(tmp_path: Path, golden:
             calls.append(("fetch", len(numbers)))
             return fetch_batch(self, layer_index, numbers)
 
+        device = _answers(eng, questions)  # the device prefill path: route_batch/content_kv_batch unused
+        single_device = eng.ask(questions[0], max_rounds=2, max_new_tokens=6)
+        assert calls == []
+        monkeypatch.setattr(BankMemory, "device_prefill", False)
         monkeypatch.setattr(BankMemory, "route_batch", counting_route)
         monkeypatch.setattr(BankMemory, "content_kv_batch", counting_fetch)
         batched = _answers(eng, questions)
@@ -67,8 +72,9 @@ def test_ask_batch_equals_per_question_routing_and_fetch(tmp_path: Path, golden:
         monkeypatch.setattr(BankMemory, "content_kv_batch", _per_sample_fetch)
         one_at_a_time = _answers(eng, questions)
         single_old = eng.ask(questions[0], max_rounds=2, max_new_tokens=6)
-    assert batched == one_at_a_time
+    assert device == batched == one_at_a_time
     assert (single.answer, [r.tokens for r in single.rounds]) == (single_old.answer, [r.tokens for r in single_old.rounds])
+    assert (single_device.answer, [r.tokens for r in single_device.rounds]) == (single.answer, [r.tokens for r in single.rounds])
     layers = len(eng.model.config.router_layers)
     first_round = calls[: 2 * layers]  # round 0 runs all three questions: one call of each kind per layer
     assert first_round == [("route", 3), ("fetch", 3)] * layers
