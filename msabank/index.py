@@ -266,8 +266,8 @@ class RoutingIndex:
         if not queries:
             return []
         keys, row_doc, num_docs = self.layer(layer_index)
-        lens = torch.tensor([q.shape[0] for q in queries])
-        seq = torch.repeat_interleave(torch.arange(len(queries)), lens).to(self.device)
+        lens = np.array([q.shape[0] for q in queries], dtype=np.int64)
+        seq = torch.from_numpy(np.repeat(np.arange(len(queries)), lens)).to(self.device)  # numpy: see span_index
         query = torch.cat([q.to(self.device) for q in queries])
         scores, idx = routing_topk_batched(query, seq, len(queries), keys, row_doc, num_docs, k, impl=self.impl)
         scores, idx = scores.cpu(), idx.cpu()
@@ -580,7 +580,7 @@ class ContentStore:
         else:
             src = self._arena[:, layer_index]
             spans = [(s, a, c) for s, ns in enumerate(per) for n in ns for a, c in self._segs.ranges[n]]
-        t = torch.tensor(spans, dtype=torch.int64).view(-1, 3)
+        t = torch.from_numpy(np.array(spans, dtype=np.int64).reshape(-1, 3))
         index, lengths = span_index(t[:, 1], t[:, 2], t[:, 0], len(per))
         b, c_max = index.shape
         if c_max == 0 or src is None:
@@ -589,8 +589,7 @@ class ContentStore:
         if self._cuda:
             assert self._ready is not None
             torch.cuda.current_stream(self.device).wait_event(self._ready)
-            if self.pin:
-                index, lengths = index.pin_memory(), lengths.pin_memory()
+            # A plain (staged) copy: pin_memory() of a tensor this small is a cudaHostAlloc each call (issue 12)
             index = index.to(self.device, non_blocking=True)
             lengths = lengths.to(self.device, non_blocking=True)
         flat = index.view(-1)
