@@ -641,7 +641,8 @@ def generate(
     (default: the checkpoint's EOS ids), once its decoded output contains `stop_text` (the interleave
     marker `<End-of-Retrieve>` is plain text spread over several tokens, spec §1.4), or after
     max_new_tokens (one limit for the batch, or one per sample). on_route(sample, layer_index, routed)
-    is called as each router layer selects. `selected[sample]`, when given and not None, is that sample's
+    is called for every selection in layer order (on the device path once the prefill's layers are queued:
+    `_prefill`). `selected[sample]`, when given and not None, is that sample's
     earlier selection (one `Routed` per router layer) used instead of routing: the answer hand-off decodes
     with the documents of the round it ends (spec §6.2). `template`: precomputed `template_prefix(model)`.
     `timings`, when given, receives "prefill_s" (routing, fetch and the prompt forward) and "decode_s"
