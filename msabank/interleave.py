@@ -192,6 +192,8 @@ class _Handoff:
     text: str
     tokens: list[int]
     finish: str  # "answer" or "round_limit"
+    context: stages.Context | None = None  # the round's cache (row `row`): the answer continues it
+    row: int = -1
 
 
 def hits(routed: Sequence[Routed], router_layers: Sequence[int], documents: Documents) -> list[Hit]:
@@ -226,6 +228,7 @@ def run(
     template: tuple[torch.Tensor, torch.Tensor] | None = None,
     timings: dict[str, float] | None = None,
     on_tokens: OnTokens | None = None,
+    reuse_cache: bool = True,
 ) -> list[Answer]:
     """Answer `questions` (already validated) together, in order.
 
@@ -234,6 +237,9 @@ def run(
     prefill_s / decode_s of every generation (`stages.generate`). Answers carry no timings (the caller's).
     `on_tokens(question, round, token_ids)`: streaming; each question's (index in `questions`) generated
     tokens of each round (the hand-off's answer included, under the round it ends), as decoded.
+    `reuse_cache`: the answer hand-off continues its round's cache (`stages.resume`: only the restatement
+    runs) instead of running the whole transcript again with the round's selection (False; the same
+    tokens, tests compare the two).
     """
     tok = model.tokenizer
     assert tok is not None, "model without tokenizer"
@@ -271,7 +277,7 @@ def run(
             gen = stages.generate(model, [P.Prompt(list(q.transcript), m) for (q, _), m in zip(todo, masks)], memory,
                                   max_new_tokens=[b for _, b in todo], stop_ids=[tok.object_ref_end_id, *model.stop_ids],
                                   stop_text=P.END_OF_RETRIEVE, on_tokens=_stream(on_tokens, r, [index[id(q)] for q, _ in todo]),
-                                  **gen_kwargs)  # type: ignore[arg-type]
+                                  keep_cache=reuse_cache, **gen_kwargs)  # type: ignore[arg-type]
             for i, ((q, _), mask) in enumerate(zip(todo, masks)):
                 out = gen.tokens[i]
                 text = tok.decode(out)
@@ -280,7 +286,7 @@ def run(
                 retrieval_done = P.END_OF_RETRIEVE in text
                 if retrieval_done or r == limits.max_rounds:
                     handoffs.append(_Handoff(q, mask, gen.routed[i], found, text, out,
-                                             "answer" if retrieval_done else "round_limit"))
+                                             "answer" if retrieval_done else "round_limit", gen.context, i))
                 elif out and out[-1] == tok.object_ref_end_id:
                     _append_documents(q, tok, documents, r, found, text, out, time.perf_counter() - t_round)
                 else:  # EOS or length without the protocol: what it said is the answer
@@ -302,6 +308,13 @@ def _stream(on_tokens: OnTokens | None, r: int, questions: list[int]) -> stages.
     return lambda s, ids: on_tokens(questions[s], r, ids)
 
 
+def _stream_rows(on_tokens: stages.OnTokens | None, group: list[int]) -> stages.OnTokens | None:
+    """on_tokens(sample, ids) of a generation whose sample s is hand-off group[s]."""
+    if on_tokens is None:
+        return None
+    return lambda s, ids: on_tokens(group[s], ids)
+
+
 def _append_documents(q: _Question, tok: P.Tokenizer, documents: Documents, r: int, found: list[Hit], text: str,
                       out: list[int], seconds: float) -> None:
     """The model named documents: append the live ones' text (nothing found: route again on the same text)."""
@@ -320,25 +333,38 @@ def _hand_off(model: MSAModel, memory: MemoryView, documents: Documents, handoff
     tok = model.tokenizer
     assert tok is not None
     restated: list[str] = []
+    restated_ids: list[list[int]] = []
     budgets: list[int] = []
     for h in handoffs:
         ids = P.restatement_ids(tok, h.q.text)
         h.q.transcript += ids
         restated.append(tok.decode(ids))
+        restated_ids.append(list(ids))
         budgets.append(min(limits.max_new_tokens, limits.token_budget - len(h.q.transcript)))
     ready = [i for i, b in enumerate(budgets) if b >= 1]
+    # Hand-offs from this round's generation continue its cache (the transcript up to the restatement is
+    # already there, under the same selection); forced ones (`handoff_after`) route and prefill afresh.
+    contexts = {id(handoffs[i].context) for i in ready if handoffs[i].context is not None}
+    assert len(contexts) <= 1, "hand-offs of one round come from one generation"
+    groups = [[i for i in ready if handoffs[i].context is not None], [i for i in ready if handoffs[i].context is None]]
     answers: dict[int, tuple[str, list[Routed]]] = {}
-    if ready:
-        prompts = [P.Prompt(list(handoffs[i].q.transcript),
-                            handoffs[i].mask + [False] * (len(handoffs[i].q.transcript) - len(handoffs[i].mask)))
-                   for i in ready]
-        stream = (lambda s, ids: on_tokens(ready[s], ids)) if on_tokens is not None else None  # handoffs[i] is sample i
-        gen = stages.generate(model, prompts, memory, max_new_tokens=[budgets[i] for i in ready],
-                              stop_ids=model.stop_ids, selected=[handoffs[i].selected for i in ready],
-                              on_tokens=stream, **gen_kwargs)  # type: ignore[arg-type]
-        for j, i in enumerate(ready):
+    for group in (g for g in groups if g):
+        stream = _stream_rows(on_tokens, group)  # handoffs[i] is sample i
+        ctx = handoffs[group[0]].context
+        if ctx is not None:
+            gen = stages.resume(model, ctx, [handoffs[i].row for i in group], [restated_ids[i] for i in group],
+                                max_new_tokens=[budgets[i] for i in group], stop_ids=model.stop_ids, on_tokens=stream,
+                                **{k: v for k, v in gen_kwargs.items() if k != "template"})  # type: ignore[arg-type]
+        else:
+            prompts = [P.Prompt(list(handoffs[i].q.transcript),
+                                handoffs[i].mask + [False] * (len(handoffs[i].q.transcript) - len(handoffs[i].mask)))
+                       for i in group]
+            gen = stages.generate(model, prompts, memory, max_new_tokens=[budgets[i] for i in group],
+                                  stop_ids=model.stop_ids, selected=[handoffs[i].selected for i in group],
+                                  on_tokens=stream, **gen_kwargs)  # type: ignore[arg-type]
+        for j, i in enumerate(group):
             handoffs[i].q.transcript += gen.tokens[j]
-            answers[i] = (tok.decode(gen.tokens[j]), gen.routed[j])
+            answers[i] = (tok.decode(gen.tokens[j]), gen.routed[j] if ctx is None else handoffs[i].selected or [])
     for i, h in enumerate(handoffs):
         atext, routed = answers.get(i, ("", h.selected or []))
         found = h.hits if h.selected is not None else hits(routed, model.config.router_layers, documents)

@@ -459,6 +459,22 @@ class Generated:
     """(steps, B, V) float32 CPU, only with keep_logits=True."""
     cache: list[LayerCache] | None = None
     """Per layer, only with keep_cache=True."""
+    context: Context | None = None
+    """What `resume` needs to continue this generation over its cache, only with keep_cache=True."""
+
+
+@dataclass(slots=True)
+class Context:
+    """A finished generation's cache, as `resume` continues it (the answer hand-off, spec §6.2)."""
+
+    caches: list[LayerCache]
+    """Per layer (B rows): the prompt and every generated token fed so far (the last chosen one is not)."""
+    starts: list[int]
+    """Per layer: the column of the first generated token (prompt_start + padded prompt length)."""
+    last_positions: list[int]
+    """Per sample: the position of its prompt's last token."""
+    tokens: list[list[int]]
+    """Per sample: the generated tokens (`Generated.tokens`)."""
 
 
 def _as_prompts(prompt_ids: Sequence[int] | Sequence[Sequence[int]] | Sequence[Prompt], routing_mask: object) -> list[Prompt]:
@@ -685,4 +701,108 @@ def generate(
         first_logits=first,
         step_logits=torch.stack([x.cpu() for x in out.step_logits]) if keep_logits else None,
         cache=caches if keep_cache else None,
+        context=Context(caches, [c.prompt_start + t for c in caches], batch.positions[:, -1].tolist(), out.tokens)
+        if keep_cache else None,
+    )
+
+
+def resume(
+    model: MSAModel,
+    context: Context,
+    rows: Sequence[int],
+    appended: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int | Sequence[int],
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    stop_ids: Sequence[int] | None = None,
+    stop_text: str | None = None,
+    seed: int | None = None,
+    keep_logits: bool = False,
+    timings: dict[str, float] | None = None,
+    decode: str | None = None,
+    on_tokens: OnTokens | None = None,
+) -> Generated:
+    """Continue samples `rows` of an earlier generation: feed `appended[j]` after what sample rows[j]
+    generated, over the same frozen context (no routing), then decode as `generate` does.
+
+    The answer hand-off (spec §6.2) restates the question after a round and answers with that round's
+    selection: `generate(transcript + restatement, selected=round's selection)` runs the whole transcript
+    through the model again, recomputing K/V the round's prefill and decode already wrote into its cache
+    (3 prefills per 2-round ask, the hand-off's the longest). Here only the new tokens run: each sample's
+    last generated token (chosen, never fed) and `appended`, causally among themselves, at the positions
+    that continue its transcript, attending over its cache (template, chunks, prompt, fed tokens). The
+    cache columns are the transcript's in the same order, so the result equals that re-prefill up to
+    float rounding (the same tokens on the golden and synthetic interleave tests); `routed` is empty.
+    Columns a sample did not keep (a batch decodes on after a sample stops) are masked.
+    """
+    if not rows or len(appended) != len(rows):
+        raise ValueError("resume needs one appended token list per row (and at least one row)")
+    limits = [max_new_tokens] * len(rows) if isinstance(max_new_tokens, int) else [int(n) for n in max_new_tokens]
+    if len(limits) != len(rows) or min(limits) < 1:
+        raise ValueError("max_new_tokens must be >= 1, one limit or one per row")
+    if any(not context.tokens[r] for r in rows):
+        raise ValueError("resume continues a generation that produced at least one token")
+    tok = _tokenizer(model)
+    cfg, dev, dt = model.config, model.device, model.dtype
+    stops = set(model.stop_ids if stop_ids is None else stop_ids)
+    gen = torch.Generator(device=dev).manual_seed(seed) if seed is not None else None
+    lens = [len(context.tokens[r]) for r in rows]
+    new = [[context.tokens[r][-1], *map(int, extra)] for r, extra in zip(rows, appended)]
+    b, n, kept = len(rows), max(len(x) for x in new), max(lens) - 1  # kept: fed columns of the longest row
+    # Left-padded block of new tokens; row j continues at position last + lens[j] (its last token's).
+    ids = torch.full((b, n), tok.pad_id, dtype=torch.long)
+    att = torch.zeros((b, n), dtype=torch.bool)
+    pos = torch.zeros((b, n), dtype=torch.long)
+    for j, (r, x) in enumerate(zip(rows, new)):
+        first = context.last_positions[r] + lens[j]
+        ids[j, n - len(x):] = torch.tensor(x, dtype=torch.long)
+        att[j, n - len(x):] = True
+        pos[j] = first
+        pos[j, n - len(x):] = torch.arange(first, first + len(x))
+    with torch.inference_mode():
+        t_start = time.perf_counter()
+        ids, att, pos = ids.to(dev), att.to(dev), pos.to(dev)
+        idx = torch.tensor(list(rows), dtype=torch.long, device=dev)
+        # The fed columns each row kept: [start, start + lens[j] - 1); later ones (run past its stop) masked.
+        gap = torch.arange(kept, device=dev)[None, :] >= torch.tensor([x - 1 for x in lens], device=dev)[:, None]
+        cos, sin = model.rope(pos)
+        causal = torch.ones(n, n, dtype=torch.bool, device=dev).tril()[None] & att[:, None, :]
+        h = model.model.embed_tokens(ids)
+        caches: list[LayerCache] = []
+        for i, layer in enumerate(model.model.layers):
+            old, s0 = context.caches[i], context.starts[i]
+            c = s0 + kept  # the new block's first column
+            size = cache_width(c + n + max(limits))
+            cache = LayerCache(k=torch.zeros(b, cfg.num_kv_heads, size, cfg.head_dim, device=dev, dtype=dt),
+                               v=torch.zeros(b, cfg.num_kv_heads, size, cfg.head_dim, device=dev, dtype=dt),
+                               valid=torch.zeros(b, size, dtype=torch.bool, device=dev), prompt_start=c)
+            cache.k[:, :, :c] = old.k[:, :, :c].index_select(0, idx)
+            cache.v[:, :, :c] = old.v[:, :, :c].index_select(0, idx)
+            cache.valid[:, :c] = old.valid[:, :c].index_select(0, idx)
+            cache.valid[:, s0:c].masked_fill_(gap, False)
+            q, k, v = layer.self_attn.qkv(layer.input_layernorm(h), cos, sin)
+            cache.k[:, :, c : c + n] = k
+            cache.v[:, :, c : c + n] = v
+            cache.valid[:, c : c + n] = att
+            h = layer.finish(h, sparse_attention(q, cache.k[:, :, : c + n], cache.v[:, :, : c + n], cache.valid[:, :c],
+                                                 causal))
+            caches.append(cache)
+        logits = model.lm_head(model.model.norm(h[:, -1])).float()
+        first = logits.cpu()
+        t_prefill = time.perf_counter()
+        out = decode_tokens(model, [c.k for c in caches], [c.v for c in caches], [c.valid for c in caches],
+                            [c.prompt_start + n for c in caches], logits, pos[:, -1], limits=limits,
+                            stop_ids=sorted(stops), stop_text=stop_text, tokenizer=tok, temperature=temperature,
+                            top_p=top_p, generator=gen, choose=_choose, keep_logits=keep_logits, mode=decode,
+                            on_tokens=on_tokens)
+    if timings is not None:
+        timings["prefill_s"] = timings.get("prefill_s", 0.0) + t_prefill - t_start
+        timings["decode_s"] = timings.get("decode_s", 0.0) + time.perf_counter() - t_prefill
+    return Generated(
+        tokens=out.tokens,
+        finish_reasons=["stop" if d else "length" for d in out.stopped],
+        routed=[[] for _ in rows],
+        first_logits=first,
+        step_logits=torch.stack([x.cpu() for x in out.step_logits]) if keep_logits else None,
     )
