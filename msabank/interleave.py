@@ -286,7 +286,7 @@ def run(
                 retrieval_done = P.END_OF_RETRIEVE in text
                 if retrieval_done or r == limits.max_rounds:
                     handoffs.append(_Handoff(q, mask, gen.routed[i], found, text, out,
-                                             "answer" if retrieval_done else "round_limit", gen.context, i))
+                                             "answer" if retrieval_done else "round_limit", getattr(gen, "context", None), i))
                 elif out and out[-1] == tok.object_ref_end_id:
                     _append_documents(q, tok, documents, r, found, text, out, time.perf_counter() - t_round)
                 else:  # EOS or length without the protocol: what it said is the answer
