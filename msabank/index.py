@@ -506,11 +506,16 @@ class ContentStore:
             for s, c in ranges[n]:
                 table.append((s, top, c))
                 top += c
-        # The span table travels zero-copy too: it must outlive the launch, so keep it until its event.
-        spans = torch.tensor(table, dtype=torch.int64)
-        spans = spans.pin_memory() if self.pin else spans.to(self.device)
+        # The span table goes up on the side stream as a plain (staged) copy: pin_memory() of a table this
+        # small is a cudaHostAlloc per call (issue 12). The device copy must outlive the launch: kept until
+        # its event.
+        spans = torch.from_numpy(np.array(table, dtype=np.int64).reshape(-1, 3))
+        if not self.pin:
+            spans = spans.to(self.device)
         self._inflight = [(e, t) for e, t in self._inflight if not e.query()]
         with torch.cuda.stream(self._stream):
+            if self.pin:
+                spans = spans.to(self.device, non_blocking=True)
             if self.timing:
                 t0 = torch.cuda.Event(enable_timing=True)
                 t0.record(self._stream)
@@ -557,7 +562,7 @@ class ContentStore:
             return sl[:, 0].contiguous(), sl[:, 1].contiguous()
         rows = np.concatenate([np.arange(slot[n], slot[n] + sum(c for _, c in ranges[n])) for n in wanted])
         idx = torch.from_numpy(rows)
-        idx = idx.pin_memory().to(self.device, non_blocking=True) if self.pin else idx.to(self.device)
+        idx = idx.to(self.device, non_blocking=True)  # staged: no cudaHostAlloc for a small index (issue 12)
         return layer[:, 0].index_select(0, idx), layer[:, 1].index_select(0, idx)
 
 
