@@ -41,6 +41,10 @@ MODES = ("auto", "graph", "eager")
 GRAPHS_PER_MODEL = 16
 """Captured graphs kept per model (LRU). A graph holds its own cache buffers: for the embedded model a few
 hundred KB, for MSA-4B at batch 1 and 2,048 columns 36 layers x 2 x 8 x 2,048 x 128 x 2 B = 302 MB."""
+GRAPH_BYTES_PER_MODEL = 4 << 30
+"""Static buffer bytes the captured graphs of one model hold together at most (LRU eviction before a new
+capture): the count alone let 16 MSA-4B graphs pin 16 x 302 MB at batch 1 x 2,048 columns, or 16 x 9.7 GB
+at batch 8 x 8,192. A graph larger than the whole budget is still captured, alone."""
 MAX_STOP_IDS = 8
 """Stop ids a graph's static buffer holds (padded with -1); more make a graph of their own."""
 BLOCKS_CUDA = (4, 8, 16, 32)
@@ -211,6 +215,7 @@ class StepGraph:
             lengths=z(batch), done=z(batch, dtype=torch.bool), stopped=z(batch, dtype=torch.bool),
             limits=z(batch), stops=torch.full((n_stops,), -1, dtype=torch.long, device=dev))
         self.width, self.greedy = width, greedy
+        self.nbytes = graph_bytes(model, batch, width, n_stops)
         self.lock = threading.Lock()
         step = _step_fn(greedy_step if greedy else decode_step)
         self.fn: Callable[[], torch.Tensor] = lambda: step(model, self.state)
@@ -254,9 +259,20 @@ _GRAPHS: weakref.WeakKeyDictionary[MSAModel, _Graphs] = weakref.WeakKeyDictionar
 _GRAPHS_LOCK = threading.Lock()
 
 
+def graph_bytes(model: MSAModel, batch: int, width: int, n_stops: int) -> int:
+    """Bytes of one StepGraph's static buffers: per layer K and V (B, Hkv, width, D) and the additive mask
+    (B, width) in the model dtype, the (B, width) chosen tokens and the small int64 state."""
+    cfg = model.config
+    item = torch.empty((), dtype=model.dtype).element_size()
+    per_layer = (2 * cfg.num_kv_heads * cfg.head_dim + 1) * batch * width * item
+    return cfg.num_layers * per_layer + 8 * (batch * width + 5 * batch + cfg.num_layers + 1 + n_stops)
+
+
 def step_graph(model: MSAModel, batch: int, width: int, n_stops: int, greedy: bool) -> StepGraph | None:
     """The captured step for this bucket (captured now if new), or None when capture failed: the caller
-    decodes eagerly (logged once per reason)."""
+    decodes eagerly (logged once per reason). Before a capture, least recently used graphs are dropped
+    until the new one fits GRAPH_BYTES_PER_MODEL and GRAPHS_PER_MODEL (a generation still decoding with a
+    dropped graph keeps its buffers until it ends)."""
     key = (batch, width, n_stops, greedy)
     with _GRAPHS_LOCK:
         graphs = _GRAPHS.setdefault(model, _Graphs())
@@ -265,6 +281,10 @@ def step_graph(model: MSAModel, batch: int, width: int, n_stops: int, greedy: bo
             return graphs.lru[key]
         if key in graphs.failed:
             return None
+        need = graph_bytes(model, batch, width, n_stops)
+        while graphs.lru and (len(graphs.lru) >= GRAPHS_PER_MODEL
+                              or sum(g.nbytes for g in graphs.lru.values()) + need > GRAPH_BYTES_PER_MODEL):
+            graphs.lru.popitem(last=False)
         try:
             g = StepGraph(model, batch, width, n_stops, greedy)
         except RuntimeError as err:  # capture (or compile: dynamo's errors are RuntimeErrors) refused: eager serves
@@ -275,8 +295,6 @@ def step_graph(model: MSAModel, batch: int, width: int, n_stops: int, greedy: bo
                 log.warning("decode: CUDA graph capture failed (%s); decoding eagerly", reason)
             return None
         graphs.lru[key] = g
-        while len(graphs.lru) > GRAPHS_PER_MODEL:
-            graphs.lru.popitem(last=False)
         return g
 
 
@@ -306,6 +324,16 @@ class Decoded:
     """Steps the per-token loop runs: the longest sample's length."""
 
 
+def upload(values: Sequence[int], device: torch.device) -> torch.Tensor:
+    """A small int64 host list on `device` without a host sync: on CUDA through pinned memory (PyTorch's
+    caching host allocator keeps the block until the copy ran), where a pageable copy_ synchronises the
+    stream (3 such syncs per generation before: limits, columns, stop ids)."""
+    host = torch.tensor(list(values), dtype=torch.long)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def _bias(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(B, S) bool -> additive mask: 0 where valid, -inf elsewhere."""
     return torch.zeros(valid.shape, dtype=dtype, device=valid.device).masked_fill_(~valid, float("-inf"))
@@ -317,8 +345,7 @@ def _eager_state(k: list[torch.Tensor], v: list[torch.Tensor], valid: list[torch
     z = lambda *s, dtype=torch.long: torch.zeros(*s, dtype=dtype, device=dev)  # noqa: E731
     return DecodeState(k=k, v=v, bias=[_bias(x, k[0].dtype) for x in valid], ids=z(b), positions=z(b),
                        cols=z(len(k)), step=z(1), tokens=z(b, n), lengths=z(b), done=z(b, dtype=torch.bool),
-                       stopped=z(b, dtype=torch.bool), limits=z(b),
-                       stops=torch.tensor(list(stop_ids), dtype=torch.long, device=dev))
+                       stopped=z(b, dtype=torch.bool), limits=z(b), stops=upload(stop_ids, dev))
 
 
 def _load(st: DecodeState, k: list[torch.Tensor], v: list[torch.Tensor], valid: list[torch.Tensor],
@@ -331,9 +358,7 @@ def _load(st: DecodeState, k: list[torch.Tensor], v: list[torch.Tensor], valid: 
         st.v[i][:, :, :s].copy_(v[i])
         st.bias[i].fill_(float("-inf"))
         st.bias[i][:, :s].masked_fill_(valid[i], 0.0)
-    st.stops.fill_(-1)
-    if stop_ids:
-        st.stops[: len(stop_ids)] = torch.tensor(list(stop_ids), dtype=torch.long)
+    st.stops.copy_(upload([*stop_ids, *[-1] * (st.stops.shape[0] - len(stop_ids))], st.stops.device))
     for x in (st.tokens, st.lengths, st.done, st.stopped):
         x.zero_()
 
@@ -384,11 +409,11 @@ def decode(
         try:
             _load(graph.state, k, v, valid, stop_ids)
             out = _run(model, graph.state, graph, *args, live=None)
-            if keep_cache:  # the decoded columns back into the caller's caches
-                for i in range(len(k)):
-                    s = k[i].shape[2]
-                    k[i].copy_(graph.state.k[i][:, :, :s])
-                    v[i].copy_(graph.state.v[i][:, :, :s])
+            if keep_cache:  # the decoded columns back into the caller's caches (the rest came from them)
+                for i, s0 in enumerate(starts):
+                    end = min(s0 + out.steps - 1, k[i].shape[2])
+                    k[i][:, :, s0:end].copy_(graph.state.k[i][:, :, s0:end])
+                    v[i][:, :, s0:end].copy_(graph.state.v[i][:, :, s0:end])
         finally:
             graph.lock.release()
     else:
@@ -413,12 +438,13 @@ def _run(model: MSAModel, st: DecodeState, graph: StepGraph | None, starts: Sequ
          on_tokens: OnTokens | None, live: list[int] | None) -> Decoded:
     b, n = len(limits), max(limits)
     dev = first_logits.device
-    st.limits.copy_(torch.tensor(list(limits), dtype=torch.long))
     # Step 0 is the prefill's token: record it with the inputs one step back, so record() advances them to
-    # the first decode step (position last + 1, column starts[l]).
+    # the first decode step (position last + 1, column starts[l]). Limits and columns: one upload.
+    small = upload([*limits, *(s - 1 for s in starts)], dev)
+    st.limits.copy_(small[:b])
+    st.cols.copy_(small[b:])
     st.step.zero_()
     st.positions.copy_(last_positions)
-    st.cols.copy_(torch.tensor([s - 1 for s in starts], dtype=torch.long))
     record(st, choose(first_logits, temperature, top_p, generator))
     greedy = temperature <= 0
     logits_kept = [first_logits] if keep_logits else []
@@ -429,7 +455,18 @@ def _run(model: MSAModel, st: DecodeState, graph: StepGraph | None, starts: Sequ
     final = [False] * b  # the host has seen this sample end
     stopped = [False] * b
     step, seen, block_i = 1, 0, 0  # steps recorded; steps already copied to the host
+    # With blocks of several steps (CUDA) the first block follows the prefill's token on the device, unseen:
+    # a round trip first would stall the device between prefill and decode (a stop at step 0 wastes
+    # blocks[0] - 1 steps, discarded like any step past a stop).
+    blind = blocks[0] > 1 and n > 1
     while True:
+        if blind:
+            blind = False
+            run = min(blocks[0], n - step)
+            block_i = 1
+            step = _steps(model, st, graph, run, step, live, greedy, temperature, top_p, generator, choose,
+                          logits_kept if keep_logits else None)
+            continue
         # One host round trip: lengths, flags and the new tokens in one copy.
         snap = torch.cat([st.lengths[:, None], st.done[:, None].long(), st.stopped[:, None].long(),
                           st.tokens[:, seen:step]], 1).tolist()
@@ -452,21 +489,31 @@ def _run(model: MSAModel, st: DecodeState, graph: StepGraph | None, starts: Sequ
             break
         run = min(blocks[min(block_i, len(blocks) - 1)], n - step)
         block_i += 1
-        for _ in range(run):
-            lv = [x + step for x in live] if live is not None else None  # step s writes column starts + s - 1
-            if graph is not None and greedy:
-                logits = graph.replay()
-            else:
-                logits = graph.replay() if graph is not None else decode_step(model, st, lv)
-                if greedy:
-                    record(st, logits.argmax(-1))
-                else:
-                    record(st, choose(logits, temperature, top_p, generator))
-            if keep_logits:
-                logits_kept.append(logits.clone())
-            step += 1
+        step = _steps(model, st, graph, run, step, live, greedy, temperature, top_p, generator, choose,
+                      logits_kept if keep_logits else None)
     steps = max(len(t) for t in kept)
     return Decoded(tokens=kept, stopped=stopped, step_logits=logits_kept[:steps], steps=steps)
+
+
+def _steps(model: MSAModel, st: DecodeState, graph: StepGraph | None, run: int, step: int, live: list[int] | None,
+           greedy: bool, temperature: float, top_p: float, generator: torch.Generator | None,
+           choose: Callable[[torch.Tensor, float, float, torch.Generator | None], torch.Tensor],
+           logits_kept: list[torch.Tensor] | None) -> int:
+    """Run `run` decode steps from step `step` on the device (no host sync); returns the next step."""
+    for _ in range(run):
+        lv = [x + step for x in live] if live is not None else None  # step s writes column starts + s - 1
+        if graph is not None and greedy:
+            logits = graph.replay()
+        else:
+            logits = graph.replay() if graph is not None else decode_step(model, st, lv)
+            if greedy:
+                record(st, logits.argmax(-1))
+            else:
+                record(st, choose(logits, temperature, top_p, generator))
+        if logits_kept is not None:
+            logits_kept.append(logits.clone())
+        step += 1
+    return step
 
 
 def _stop_text_at(tok: Tokenizer | None, before: list[int], fresh: list[int], stop_text: str, tail: int) -> int | None:
@@ -474,6 +521,12 @@ def _stop_text_at(tok: Tokenizer | None, before: list[int], fresh: list[int], st
     per-token loop's check, token by token), else None."""
     assert tok is not None, "stop_text needs a tokenizer"
     seq = before + fresh
+    if len(fresh) > 1 and stop_text.isascii():
+        # One decode of the block's whole window first (a CUDA block is up to 32 tokens: 32 decodes per
+        # sample before): ASCII bytes decode to themselves whatever surrounds them (byte-level tokenizers,
+        # U+FFFD only for broken multi-byte sequences), so a marker in any per-token window is in this one.
+        if stop_text not in tok.decode(seq[max(0, len(before) + 1 - tail) :]):
+            return None
     for j in range(1, len(fresh) + 1):
         end = len(before) + j
         if stop_text in tok.decode(seq[max(0, end - tail) : end]):

@@ -626,6 +626,60 @@ def _route_layer(memory: MemoryView, r: int, queries: list[torch.Tensor],
     return [g[r] if g is not None else fresh.get(s, none) for s, g in enumerate(given)]
 
 
+class _Split:
+    """`timings`' prefill_s / decode_s of one generation without a host sync between the two: on CUDA two
+    events (the start, the prefill's end on the stream) read once decode has synced, so prefill_s is the
+    stream's time from the start to the prefill's last kernel and decode_s the rest of the wall time; on a
+    CPU host time."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.t0 = time.perf_counter()
+        self.t1 = self.t0
+        self.events: list[torch.cuda.Event] = []
+        if device.type == "cuda":
+            self.events.append(torch.cuda.Event(enable_timing=True))
+            self.events[0].record()
+
+    def mark(self) -> None:
+        if self.events:
+            self.events.append(torch.cuda.Event(enable_timing=True))
+            self.events[1].record()
+        else:
+            self.t1 = time.perf_counter()
+
+    def done(self, timings: dict[str, float] | None) -> None:
+        if timings is None:
+            return
+        wall = time.perf_counter() - self.t0
+        if self.events:
+            self.events[1].synchronize()  # already reached: decode's last host round trip came after it
+            prefill = min(self.events[0].elapsed_time(self.events[1]) / 1e3, wall)
+        else:
+            prefill = self.t1 - self.t0
+        timings["prefill_s"] = timings.get("prefill_s", 0.0) + prefill
+        timings["decode_s"] = timings.get("decode_s", 0.0) + wall - prefill
+
+
+def _upload(device: torch.device, *xs: torch.Tensor) -> list[torch.Tensor]:
+    """Small host int64/bool tensors on `device` in one copy (flattened into one int64 buffer; on CUDA
+    non-blocking from pinned memory) instead of one copy each, each of which synchronises the stream."""
+    if device.type == "cpu":
+        return list(xs)
+    flat = torch.cat([x.reshape(-1).long() for x in xs])
+    flat = flat.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else flat.to(device)
+    out, at = [], 0
+    for x in xs:
+        part = flat[at : at + x.numel()].view(x.shape)
+        out.append(part != 0 if x.dtype == torch.bool else part)
+        at += x.numel()
+    return out
+
+
+def _upload_batch(batch: PaddedPrompts, device: torch.device) -> PaddedPrompts:
+    """The padded prompts on `device` in one copy (`_upload`)."""
+    return PaddedPrompts(*_upload(device, batch.input_ids, batch.attention_mask, batch.routing_mask, batch.positions))
+
+
 def generate(
     model: MSAModel,
     prompt_ids: Sequence[int] | Sequence[Sequence[int]] | Sequence[Prompt],
@@ -679,21 +733,21 @@ def generate(
     with torch.inference_mode():
         template = template if template is not None else template_prefix(model)
         t0 = template[0].shape[2]
-        batch = pad_batch(prompts, pad_id=tok.pad_id, first_position=t0 + model.config.top_k)
-        batch = PaddedPrompts(*(x.to(model.device) for x in (batch.input_ids, batch.attention_mask, batch.routing_mask, batch.positions)))
-        t_start = time.perf_counter()
+        host = pad_batch(prompts, pad_id=tok.pad_id, first_position=t0 + model.config.top_k)
+        batch = _upload_batch(host, model.device)
+        split = _Split(model.device)
         caches, routed, logits = _prefill(model, batch, memory, template, max(limits), on_route, trace, selected)
-        first = logits.cpu()  # synchronises the device
-        t_prefill = time.perf_counter()
+        split.mark()
         t = batch.input_ids.shape[1]
         out = decode_tokens(model, [c.k for c in caches], [c.v for c in caches], [c.valid for c in caches],
                             [c.prompt_start + t for c in caches], logits, batch.positions[:, -1], limits=limits,
                             stop_ids=sorted(stops), stop_text=stop_text, tokenizer=tok, temperature=temperature,
                             top_p=top_p, generator=gen, choose=_choose, keep_logits=keep_logits, keep_cache=keep_cache,
                             mode=decode, on_tokens=on_tokens)
-    if timings is not None:
-        timings["prefill_s"] = timings.get("prefill_s", 0.0) + t_prefill - t_start
-        timings["decode_s"] = timings.get("decode_s", 0.0) + time.perf_counter() - t_prefill  # the last block synced
+        # After decode, not between prefill and decode: on CUDA a copy there stalls the host until the prefill
+        # ends, so the first decode steps could not be queued behind it; decode's last block synced already.
+        first = logits.cpu()
+    split.done(timings)
     return Generated(
         tokens=out.tokens,
         finish_reasons=["stop" if d else "length" for d in out.stopped],
@@ -701,7 +755,7 @@ def generate(
         first_logits=first,
         step_logits=torch.stack([x.cpu() for x in out.step_logits]) if keep_logits else None,
         cache=caches if keep_cache else None,
-        context=Context(caches, [c.prompt_start + t for c in caches], batch.positions[:, -1].tolist(), out.tokens)
+        context=Context(caches, [c.prompt_start + t for c in caches], host.positions[:, -1].tolist(), out.tokens)
         if keep_cache else None,
     )
 
@@ -755,17 +809,16 @@ def resume(
     att = torch.zeros((b, n), dtype=torch.bool)
     pos = torch.zeros((b, n), dtype=torch.long)
     for j, (r, x) in enumerate(zip(rows, new)):
-        first = context.last_positions[r] + lens[j]
+        p = context.last_positions[r] + lens[j]
         ids[j, n - len(x):] = torch.tensor(x, dtype=torch.long)
         att[j, n - len(x):] = True
-        pos[j] = first
-        pos[j, n - len(x):] = torch.arange(first, first + len(x))
+        pos[j] = p
+        pos[j, n - len(x):] = torch.arange(p, p + len(x))
+    # The fed columns each row kept: [start, start + lens[j] - 1); later ones (run past its stop) masked.
+    gap = torch.arange(kept)[None, :] >= torch.tensor([x - 1 for x in lens])[:, None]
     with torch.inference_mode():
-        t_start = time.perf_counter()
-        ids, att, pos = ids.to(dev), att.to(dev), pos.to(dev)
-        idx = torch.tensor(list(rows), dtype=torch.long, device=dev)
-        # The fed columns each row kept: [start, start + lens[j] - 1); later ones (run past its stop) masked.
-        gap = torch.arange(kept, device=dev)[None, :] >= torch.tensor([x - 1 for x in lens], device=dev)[:, None]
+        split = _Split(dev)
+        ids, att, pos, gap, idx = _upload(dev, ids, att, pos, gap, torch.tensor(list(rows), dtype=torch.long))
         cos, sin = model.rope(pos)
         causal = torch.ones(n, n, dtype=torch.bool, device=dev).tril()[None] & att[:, None, :]
         h = model.model.embed_tokens(ids)
@@ -789,16 +842,14 @@ def resume(
                                                  causal))
             caches.append(cache)
         logits = model.lm_head(model.model.norm(h[:, -1])).float()
-        first = logits.cpu()
-        t_prefill = time.perf_counter()
+        split.mark()
         out = decode_tokens(model, [c.k for c in caches], [c.v for c in caches], [c.valid for c in caches],
                             [c.prompt_start + n for c in caches], logits, pos[:, -1], limits=limits,
                             stop_ids=sorted(stops), stop_text=stop_text, tokenizer=tok, temperature=temperature,
                             top_p=top_p, generator=gen, choose=_choose, keep_logits=keep_logits, mode=decode,
                             on_tokens=on_tokens)
-    if timings is not None:
-        timings["prefill_s"] = timings.get("prefill_s", 0.0) + t_prefill - t_start
-        timings["decode_s"] = timings.get("decode_s", 0.0) + time.perf_counter() - t_prefill
+        first = logits.cpu()  # after decode (see generate)
+    split.done(timings)
     return Generated(
         tokens=out.tokens,
         finish_reasons=["stop" if d else "length" for d in out.stopped],

@@ -258,3 +258,59 @@ def test_decode_under_autocast_writes_the_cache_in_its_dtype(setup) -> None:
         out = generate(model, prompts, memory, max_new_tokens=6, stop_ids=())
     assert out.tokens == ref_tokens
     assert all(len(t) == 6 for t in out.tokens)
+
+
+def test_graph_lru_is_bounded_by_bytes(setup, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Captured graphs are dropped least recently used first once their buffers would pass
+    GRAPH_BYTES_PER_MODEL (not only past GRAPHS_PER_MODEL); a graph larger than the budget still serves."""
+    model, mem = setup
+    monkeypatch.setattr(D, "StepGraph", EagerGraph)
+    monkeypatch.setattr(D, "resolve_mode", lambda mode, device: "graph")
+    monkeypatch.setattr(D, "_GRAPHS", type(D._GRAPHS)())
+    prompts = _prompts(model, 1)
+    widths = {}
+    for new in (4, 150, 300):  # three width buckets (prompt + chunks + new tokens, rounded up to 128)
+        out = generate(model, prompts, mem, max_new_tokens=new, stop_ids=[])
+        widths[new] = max(D._GRAPHS[model].lru)[1] if len(D._GRAPHS[model].lru) == 1 else None
+        monkeypatch.setattr(D, "_GRAPHS", type(D._GRAPHS)())
+    assert all(widths.values()) and len(set(widths.values())) == 3
+    size = {n: D.graph_bytes(model, 1, w, D.MAX_STOP_IDS) for n, w in widths.items()}
+    assert size[4] < size[150] < size[300]
+    monkeypatch.setattr(D, "GRAPH_BYTES_PER_MODEL", size[4] + size[150])
+    ref = {n: generate(model, prompts, mem, max_new_tokens=n, stop_ids=[], decode="eager").tokens for n in size}
+    keys = lambda: [k[1] for k in D._GRAPHS[model].lru]  # noqa: E731
+    assert generate(model, prompts, mem, max_new_tokens=4, stop_ids=[]).tokens == ref[4]
+    assert generate(model, prompts, mem, max_new_tokens=150, stop_ids=[]).tokens == ref[150]
+    assert keys() == [widths[4], widths[150]]  # both fit
+    assert generate(model, prompts, mem, max_new_tokens=4, stop_ids=[]).tokens == ref[4]  # reused: most recent
+    assert keys() == [widths[150], widths[4]]
+    assert generate(model, prompts, mem, max_new_tokens=300, stop_ids=[]).tokens == ref[300]
+    assert keys() == [widths[300]]  # with either of the others it would pass the budget: both dropped
+    assert generate(model, prompts, mem, max_new_tokens=4, stop_ids=[]).tokens == ref[4]
+    assert keys() == [widths[4]]
+    monkeypatch.setattr(D, "GRAPH_BYTES_PER_MODEL", size[300] - 1)  # less than one graph: captured, alone
+    assert generate(model, prompts, mem, max_new_tokens=300, stop_ids=[]).tokens == ref[300]
+    assert keys() == [widths[300]] and D._GRAPHS[model].lru[max(D._GRAPHS[model].lru)].nbytes == size[300]
+
+
+def test_stop_text_check_decodes_a_block_once_and_finds_what_the_loop_finds(setup) -> None:
+    """`_stop_text_at` first decodes a block's whole window (one decode instead of one per token) and only
+    then looks token by token: the same first position as the per-token loop's check, on random blocks of
+    bytes (multi-byte characters split across tokens, the marker split across the block boundary)."""
+    model, _ = setup
+    tok = model.tokenizer
+    marker = "<End-of-Retrieve>"
+    ids = tok.encode(marker)
+    pieces = [ids, tok.encode("é ü 漢字"), tok.encode("plain words"), [200, 201], [195], [65, 66]]
+    g = torch.Generator().manual_seed(0)
+    tail = len(marker) + 1
+    for _ in range(300):
+        seq: list[int] = []
+        while len(seq) < 40:
+            seq += pieces[int(torch.randint(len(pieces), (1,), generator=g))]
+        cut = int(torch.randint(1, 39, (1,), generator=g))
+        end = int(torch.randint(cut + 1, len(seq) + 1, (1,), generator=g))
+        before, fresh = seq[:cut], seq[cut:end]
+        want = next((j for j in range(1, len(fresh) + 1)
+                     if marker in tok.decode((before + fresh)[max(0, cut + j - tail) : cut + j])), None)
+        assert D._stop_text_at(tok, before, fresh, marker, tail) == want
