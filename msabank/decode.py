@@ -325,13 +325,11 @@ class Decoded:
 
 
 def upload(values: Sequence[int], device: torch.device) -> torch.Tensor:
-    """A small int64 host list on `device` without a host sync: on CUDA through pinned memory (PyTorch's
-    caching host allocator keeps the block until the copy ran), where a pageable copy_ synchronises the
-    stream (3 such syncs per generation before: limits, columns, stop ids)."""
-    host = torch.tensor(list(values), dtype=torch.long)
-    if device.type != "cuda":
-        return host.to(device)
-    return host.pin_memory().to(device, non_blocking=True)
+    """A small int64 host list on `device` without a stream sync: a non-blocking copy (the driver stages
+    pageable memory before returning; no pin_memory, a cudaHostAlloc for a tensor this small, issue 12),
+    where a blocking copy_ synchronises the stream (3 such syncs per generation before: limits, columns,
+    stop ids)."""
+    return torch.tensor(list(values), dtype=torch.long).to(device, non_blocking=device.type == "cuda")
 
 
 def _bias(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -661,12 +661,12 @@ class _Split:
 
 
 def _upload(device: torch.device, *xs: torch.Tensor) -> list[torch.Tensor]:
-    """Small host int64/bool tensors on `device` in one copy (flattened into one int64 buffer; on CUDA
-    non-blocking from pinned memory) instead of one copy each, each of which synchronises the stream."""
+    """Small host int64/bool tensors on `device` in one copy (flattened into one int64 buffer, non-blocking
+    on CUDA: staged by the driver, no pin_memory per call) instead of one blocking copy each, each of which
+    synchronises the stream."""
     if device.type == "cpu":
         return list(xs)
-    flat = torch.cat([x.reshape(-1).long() for x in xs])
-    flat = flat.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else flat.to(device)
+    flat = torch.cat([x.reshape(-1).long() for x in xs]).to(device, non_blocking=device.type == "cuda")
     out, at = [], 0
     for x in xs:
         part = flat[at : at + x.numel()].view(x.shape)

@@ -1,6 +1,6 @@
 """Host syncs and graph memory of CUDA decode (msabank.decode, stages.generate), on a GPU.
 
-Decode's small inputs (limits, columns, stop ids) go up through pinned memory without a sync, the first
+Decode's small inputs (limits, columns, stop ids) go up in one non-blocking copy, the first
 block follows the prefill's token on the device unseen, and the prefill's logits come to the host after
 decode: a decode of 20 tokens in graph mode synchronises once per host block (blocks 4, 8, 7: three),
 counted with torch.cuda.set_sync_debug_mode. The graph LRU drops graphs by bytes (GRAPH_BYTES_PER_MODEL).
