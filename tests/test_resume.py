@@ -18,25 +18,12 @@ from msabank import interleave, stages
 from msabank.engine import Engine
 from msabank.index import SnapshotDocuments
 from msabank.synth import World
-from msabank.model import MSAModel, load_model
+from msabank.model import MSAModel
 from msabank.prompt import Prompt, question_prompt
-from msabank.stages import InMemoryMemory, encode_documents, generate
+from msabank.stages import generate
 
-DOCS = [(0, "Mira planted."), (1, "The lighthouse keeper on Gull Point ret."), (2, "Copper kettles.")]
-QUESTIONS = ("Who planted?", "When did the keeper on Gull Point retire from the lighthouse?", "Kettles?")
-
-
-@pytest.fixture(scope="module")
-def setup(golden: Path) -> tuple[MSAModel, InMemoryMemory]:
-    model = load_model(golden / "tiny-msa")
-    enc = dict(zip((n for n, _ in DOCS), encode_documents(model, DOCS)))
-    return model, InMemoryMemory(enc, 2)
-
-
-def _close(name: str, mine: torch.Tensor, ref: torch.Tensor, atol: float = 1e-4) -> None:
-    assert mine.shape == ref.shape, f"{name}: shape {tuple(mine.shape)} != {tuple(ref.shape)}"
-    err = (mine - ref).abs().max().item()
-    assert err <= atol, f"{name}: max abs err {err:.3g} > {atol}"
+# the tiny golden model over three documents, and the logit check, shared with the decode tests
+from tests.test_decode import DOCS, QUESTIONS, _close, setup  # noqa: E402,F401
 
 
 def resume_and_reprefill(model: MSAModel, mem, temperature: float, decode: str | None = None):
