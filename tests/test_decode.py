@@ -35,6 +35,19 @@ def setup(golden: Path) -> tuple[MSAModel, InMemoryMemory]:
     return model, InMemoryMemory(enc, 2)
 
 
+class _Docs:
+    """The interleave loop's documents over DOCS (numbers are the indices)."""
+
+    def __len__(self) -> int:
+        return len(DOCS)
+
+    def user_ids(self, numbers):
+        return {n: f"d{n}" for n in numbers}
+
+    def texts(self, numbers):
+        return {n: (f"d{n}", DOCS[n][1]) for n in numbers if 0 <= n < len(DOCS)}
+
+
 def _old_step(model: MSAModel, caches: list[stages.LayerCache], ids: torch.Tensor, positions: torch.Tensor,
               col_offset: int) -> torch.Tensor:
     cos, sin = model.rope(positions[:, None])
@@ -220,20 +233,10 @@ def test_interleave_streams_each_rounds_tokens(golden: Path) -> None:
     model = load_model(golden / "tiny-msa")
     enc = dict(zip((n for n, _ in DOCS), encode_documents(model, DOCS)))
 
-    class Docs:
-        def __len__(self) -> int:
-            return len(DOCS)
-
-        def user_ids(self, numbers):
-            return {n: f"d{n}" for n in numbers}
-
-        def texts(self, numbers):
-            return {n: (f"d{n}", DOCS[n][1]) for n in numbers if 0 <= n < len(DOCS)}
-
     tok = model.tokenizer
     for handoff_after in (0, None):  # 0: every question hands off at once (the answer streams); None: rounds
         streamed: dict[tuple[int, int], list[int]] = {}
-        answers = interleave.run(model, InMemoryMemory(enc, 2), Docs(), list(QUESTIONS[:2]),
+        answers = interleave.run(model, InMemoryMemory(enc, 2), _Docs(), list(QUESTIONS[:2]),
                                  limits=interleave.Limits(max_rounds=1, max_new_tokens=6), handoff_after=handoff_after,
                                  on_tokens=lambda q, r, ids: streamed.setdefault((q, r), []).extend(ids))
         assert set(streamed) == {(q, rnd.index) for q, a in enumerate(answers) for rnd in a.rounds}

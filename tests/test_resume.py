@@ -23,7 +23,7 @@ from msabank.prompt import Prompt, question_prompt
 from msabank.stages import generate
 
 # the tiny golden model over three documents, and the logit check, shared with the decode tests
-from tests.test_decode import DOCS, QUESTIONS, _close, setup  # noqa: E402,F401
+from tests.test_decode import DOCS, QUESTIONS, _close, _Docs, setup  # noqa: E402,F401
 
 
 def resume_and_reprefill(model: MSAModel, mem, temperature: float, decode: str | None = None):
@@ -64,16 +64,6 @@ def test_resume_rejects_bad_input(setup) -> None:
         stages.resume(model, rnd.context, [0], [[65]], max_new_tokens=0)
     assert generate(model, [question_prompt(model.tokenizer, QUESTIONS[0])], mem, max_new_tokens=2).context is None
 
-
-class _Docs:
-    def __len__(self) -> int:
-        return len(DOCS)
-
-    def user_ids(self, numbers):
-        return {n: f"d{n}" for n in numbers}
-
-    def texts(self, numbers):
-        return {n: (f"d{n}", DOCS[n][1]) for n in numbers if 0 <= n < len(DOCS)}
 
 
 @pytest.mark.parametrize("max_rounds", [0, 1])
