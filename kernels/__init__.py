@@ -196,7 +196,10 @@ def gather_rows(src: torch.Tensor, layer: int, rows: torch.Tensor, *, impl: str 
     """
     global _gather_module, _gather_rows_ok
     dev = rows.device
-    if rows.is_cuda and _gather_rows_ok is not False and resolve_impl(impl, src if src.is_cuda else rows) == "triton":
+    # Ask about the arena's dtype on rows' device: probing `rows` itself (int64) would always say "no
+    # Triton kernel" and send a pinned-host arena down the synced path (one sync per router layer).
+    probe = src if src.is_cuda else torch.empty(0, dtype=src.dtype, device=dev)
+    if rows.is_cuda and _gather_rows_ok is not False and resolve_impl(impl, probe) == "triton":
         if _gather_module is None:
             from . import triton_gather
 
