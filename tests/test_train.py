@@ -230,3 +230,48 @@ def test_token_tau_changes_the_loss_not_the_selection():
     assert all(torch.equal(a, b) for a, b in zip(base.scores, soft.scores))
     assert base.aux_loss is not None and soft.aux_loss is not None
     assert not torch.allclose(base.aux_loss, soft.aux_loss)
+
+
+def test_final_weight_is_a_weighted_mean_of_the_two_target_groups():
+    """final_weight w: LM loss = (n_o·L_o + w·n_f·L_f) / (n_o + w·n_f), L_f the mean CE of final-round targets
+    (stage 2: `<End-of-Retrieve>` + answer) and L_o of the `[n]` targets, each measured alone by masking labels."""
+    import dataclasses
+
+    from msabank.train.core import forward
+    model, batch = _tiny_model_and_batch()
+    final = (batch.stage == 2)[:, None] & (batch.labels >= 0)
+    other = (batch.stage < 2)[:, None] & (batch.labels >= 0)
+    only = lambda m: dataclasses.replace(batch, labels=torch.where(m, batch.labels, -100))  # noqa: E731
+    with torch.no_grad():
+        lf = forward(model, only(final)).lm_loss
+        lo = forward(model, only(other)).lm_loss
+        plain = forward(model, batch).lm_loss
+        heavy = forward(model, batch, final_weight=4.0).lm_loss
+    nf, no = int(final.sum()), int(other.sum())
+    assert nf > 0 and no > 0
+    assert torch.allclose(plain, (no * lo + nf * lf) / (no + nf), atol=1e-5)
+    assert torch.allclose(heavy, (no * lo + 4.0 * nf * lf) / (no + 4.0 * nf), atol=1e-5)
+
+
+def test_training_metrics_break_exactness_and_recall_down_by_question_kind():
+    """Per-kind rows (single / twohop / needle) agree with the overall figure they split."""
+    from msabank.train.core import forward
+    from msabank.train.data import KINDS, make_batch
+    from msabank.train.loop import _metrics, default_model_config, new_model
+
+    tok = _tok()
+    cfg = default_model_config(tok.vocab_size, layers=3, hidden=64, heads=4, kv_heads=2, head_dim=16,
+                               intermediate=128, router_layers=(1, 2))
+    model = new_model(cfg, tok)
+    batch = make_batch(tok, World(seed=4, num_docs=500), random.Random(3), questions=12, memory=24, max_doc_tokens=96,
+                       kinds=("single", "twohop", "needle"))
+    assert set(batch.kind.tolist()) == {0, 1, 2} and KINDS == ("single", "twohop", "needle")
+    with torch.no_grad():
+        m = _metrics(forward(model, batch), batch)
+    for name, stage in (("target_exact_final", 2), ("round1_recall1_L0", 0)):
+        rows = batch.stage == stage
+        counts = {k: int((rows & (batch.kind == i)).sum()) for i, k in enumerate(KINDS)}
+        parts = {k: m[f"{name}_{k}"] for k in KINDS if counts[k]}
+        assert parts, name
+        total = sum(parts[k] * counts[k] for k in parts) / sum(counts[k] for k in parts)
+        assert abs(total - m[name]) < 1e-6, (name, parts, m[name])

@@ -51,6 +51,8 @@ class Batch:
     stage: torch.Tensor | None = None
     """(S,) int64: 0 round 1, 1 a later hop, 2 the final (answer) round. The aux loss skips stage 2: there the
     routing text contains the positive document itself, which teaches nothing about finding it."""
+    kind: torch.Tensor | None = None
+    """(S,) int64 index into msabank.train.data.KINDS of each sequence's question type (-1 unknown); metrics only."""
 
     def to(self, device: torch.device | str) -> Batch:
         return Batch(**{k: (v.to(device, non_blocking=True) if v is not None else None) for k, v in self.__dict__.items()})
@@ -165,7 +167,8 @@ def forward(model: MSAModel, batch: Batch, *, top_k: int | None = None, force_po
             tau: float = 0.1, want_logits: bool = False, want_hidden: bool = False,
             memory: Memory | None = None, selection: list[torch.Tensor] | None = None,
             lm_only_routed: bool = False,
-            aux_layer_weights: Sequence[float] | None = None, token_tau: float = 0.0) -> Output:
+            aux_layer_weights: Sequence[float] | None = None, token_tau: float = 0.0,
+            final_weight: float = 1.0) -> Output:
     """The MSA training forward (and, with force_positive=False, its exact inference counterpart).
 
     Returns losses when labels exist: lm_loss (mean CE over labelled positions) and aux_loss (InfoNCE over
@@ -180,6 +183,10 @@ def forward(model: MSAModel, batch: Batch, *, top_k: int | None = None, force_po
     first router layer trains the only layer whose routing query never sees a forced document's K/V.
     `token_tau` > 0: the InfoNCE scores reduce the routing tokens by a smooth max (`_route_scores`); the
     selection and `out.scores` keep the protocol's max.
+    `final_weight`: the LM loss weighs the targets of final-round sequences (stage 2: `<End-of-Retrieve>` and
+    the answer read from the appended documents) by this much against the `[n]` targets (a weighted mean).
+    Why: teacher-forced, the shipped model names the right document 94% of the time but reads a single-hop
+    answer exactly only 28% (docs/eval.md, sweep c9), and an answer is a few tokens of a step's hundreds.
     """
     cfg = model.config
     k = top_k or cfg.top_k
@@ -259,10 +266,14 @@ def forward(model: MSAModel, batch: Batch, *, top_k: int | None = None, force_po
             if batch.stage is not None:
                 unseen = unseen & (batch.stage < 2)
             keep = ~unseen[out.correct_row]
-        if keep is None:
-            out.lm_loss = F.cross_entropy(logits, lab[sel_pos])
-        elif bool(keep.any()):
-            out.lm_loss = F.cross_entropy(logits[keep], lab[sel_pos][keep])
+        weight = torch.ones(out.correct_row.shape[0], device=dev)
+        if final_weight != 1.0 and batch.stage is not None:
+            weight = torch.where(batch.stage[out.correct_row] == 2, final_weight, 1.0)
+        if keep is not None:
+            weight = weight * keep
+        if bool((weight > 0).any()):
+            ce = F.cross_entropy(logits, lab[sel_pos], reduction="none")
+            out.lm_loss = (ce * weight).sum() / weight.sum()
         else:
             out.lm_loss = logits.sum() * 0.0
     if aux_terms:

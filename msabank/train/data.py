@@ -39,6 +39,7 @@ class Seq:
     labels: list[int]  # aligned: labels[t] is the token to predict at position t (-100 none)
     positive: int  # memory index, -1 none
     stage: int = 0  # 0 round 1 (question only routes), 1 a later hop, 2 the final round (answer)
+    kind: int = -1  # index into KINDS of the question's type (-1 unknown): per-kind training metrics
 
 
 def _with_targets(prefix: P.Prompt, pieces: Sequence[tuple[list[int], bool]], positive: int, stage: int) -> Seq:
@@ -58,6 +59,7 @@ def _with_targets(prefix: P.Prompt, pieces: Sequence[tuple[list[int], bool]], po
 
 
 SPANS = P.ROUTING_SPANS
+KINDS = ("single", "twohop", "needle")
 
 
 def question_sequences(tok: P.Tokenizer, q: Question, numbers: Sequence[int], texts: Sequence[str],
@@ -85,7 +87,9 @@ def question_sequences(tok: P.Tokenizer, q: Question, numbers: Sequence[int], te
     answer = tok.encode(f"{P.ANSWER_PREFIX} {q.answer}") + [tok.im_end_id]
     out.append(_with_targets(current, [(end, True), (P.restatement_ids(tok, q.question), False), (answer, True)],
                              mem_index[-1], 2))
-    return out
+    base = q.type.split(":")[0]
+    kind = KINDS.index(base) if base in KINDS else -1
+    return [Seq(s.ids, s.routing, s.labels, s.positive, s.stage, kind) for s in out]
 
 
 def draw_numbers(rng: random.Random, count: int, *, min_bank: int = 200, max_bank: int = 150_000) -> list[int]:
@@ -150,6 +154,7 @@ def collate(tok: P.Tokenizer, mem: Sequence[Sequence[int]], seqs: Sequence[Seq])
         seq_len=torch.tensor([len(s.ids) for s in seqs]), routing=routing, labels=labels,
         positive=torch.tensor([s.positive for s in seqs]),
         template=torch.tensor(P.template_parts(tok).head), stage=torch.tensor([s.stage for s in seqs]),
+        kind=torch.tensor([s.kind for s in seqs]),
     )  # fmt: skip
 
 

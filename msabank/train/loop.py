@@ -118,6 +118,8 @@ class TrainConfig:
     the number is not in the input there, so the loss only taught guessing (run 2 lost copying that way)."""
     aux_layer_weights: tuple[float, ...] | None = None
     """Per-router-layer weights of the InfoNCE terms (None: 1 each); see core.forward."""
+    final_weight: float = 1.0
+    """LM-loss weight of final-round targets (the answer read from the appended text) against `[n]` targets."""
     token_tau: float = 0.0
     """> 0: the InfoNCE scores take a smooth max (temperature token_tau) over routing tokens, so tokens that
     never win the max still learn (core._route_scores); selection keeps the max. 0: the official loss."""
@@ -203,7 +205,8 @@ def train(model: MSAModel, tokenizer: Tokenizer, tc: TrainConfig,
         force = not warm and tc.force_every > 0 and step % tc.force_every == 0
         with amp:
             out = forward(model, batch, tau=tc.tau, force_positive=force, lm_only_routed=tc.lm_only_routed,
-                          aux_layer_weights=tc.aux_layer_weights, token_tau=tc.token_tau)
+                          aux_layer_weights=tc.aux_layer_weights, token_tau=tc.token_tau,
+                          final_weight=tc.final_weight)
         lm = out.lm_loss if out.lm_loss is not None else torch.zeros((), device=dev)
         aux = out.aux_loss if out.aux_loss is not None else torch.zeros((), device=dev)
         loss = 0.1 * lm + aux if warm else lm + tc.aux_weight * aux
@@ -254,10 +257,28 @@ def _metrics(out: Any, batch: Any) -> dict[str, float]:
         wrong = torch.zeros(s, device=out.correct.device).index_add_(0, out.correct_row, (~out.correct).float())
         m["target_exact"] = float((wrong == 0).float().mean())
         if batch.stage is not None:  # round-1 `[n]` copying and the final round (reading the appended text)
+            from msabank.train.data import KINDS
+
+            exact = wrong == 0
             for name, st in (("target_exact_r1", 0), ("target_exact_final", 2)):
                 rows = batch.stage == st
                 if bool(rows.any()):
-                    m[name] = float((wrong[rows] == 0).float().mean())
+                    m[name] = float(exact[rows].float().mean())
+                if batch.kind is None:
+                    continue
+                for ki, kind in enumerate(KINDS):  # per kind: needles read digits, the others read names
+                    kr = rows & (batch.kind == ki)
+                    if bool(kr.any()):
+                        m[f"{name}_{kind}"] = float(exact[kr].float().mean())
+        if out.scores and batch.kind is not None and bool(has.any()):
+            from msabank.train.data import KINDS
+
+            r1 = has & (batch.stage == 0) if batch.stage is not None else has
+            top = out.scores[0].argmax(1)
+            for ki, kind in enumerate(KINDS):
+                kr = r1 & (batch.kind == ki)
+                if bool(kr.any()):
+                    m[f"round1_recall1_L0_{kind}"] = float((top[kr] == batch.positive[kr]).float().mean())
     return m
 
 
