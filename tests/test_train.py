@@ -275,3 +275,36 @@ def test_training_metrics_break_exactness_and_recall_down_by_question_kind():
         assert parts, name
         total = sum(parts[k] * counts[k] for k in parts) / sum(counts[k] for k in parts)
         assert abs(total - m[name]) < 1e-6, (name, parts, m[name])
+
+
+def test_probe_scores_naming_first_answer_token_and_the_rest_at_their_positions(monkeypatch):
+    """msabank.train.probe with a stand-in forward whose logits are the targets except where the test breaks
+    them: every rate is 1, then the final round's first answer token alone wrong gives first = 0 and no
+    rest|first, with naming untouched."""
+    from msabank.train import probe as probe_mod
+    from msabank.train.loop import default_model_config, new_model
+
+    tok = _tok()
+    cfg = default_model_config(tok.vocab_size, layers=3, hidden=64, heads=4, kv_heads=2, head_dim=16,
+                               intermediate=128, router_layers=(1, 2))
+    model = new_model(cfg, tok)
+    prefix = len(tok.encode("<End-of-Retrieve>")) + len(tok.encode("The answer to the question is:"))
+    break_first = {"on": False}
+
+    def oracle(model, batch, **kw):  # noqa: ANN001, ANN003
+        lab = batch.labels.clamp(min=0).clone()
+        if break_first["on"]:
+            for i in (batch.stage == 2).nonzero()[:, 0].tolist():
+                pos = (batch.labels[i] >= 0).nonzero()[:, 0]
+                lab[i, pos[prefix]] = (lab[i, pos[prefix]] + 1) % tok.vocab_size
+        return type("Out", (), {"logits": torch.nn.functional.one_hot(lab, tok.vocab_size).float()})()
+
+    monkeypatch.setattr(probe_mod, "forward", oracle)
+    kw = dict(worlds=1, questions=6, memory=16, world_docs=300)
+    good = probe_mod.probe(model, **kw)
+    assert any(t.startswith("single") for t in good) and any(t.startswith("twohop") for t in good) and "needle" in good
+    assert all(c["rate"] == 1.0 for v in good.values() for c in v.values())
+    assert sum(v["first"]["n"] for v in good.values()) == 18  # one final round per question, 3 kinds x 6
+    break_first["on"] = True
+    bad = probe_mod.probe(model, **kw)
+    assert all(v["first"]["rate"] == 0.0 and "rest|first" not in v and v["name"]["rate"] == 1.0 for v in bad.values())

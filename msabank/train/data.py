@@ -104,8 +104,10 @@ def draw_numbers(rng: random.Random, count: int, *, min_bank: int = 200, max_ban
 
 def make_batch(tok: P.Tokenizer, world: World, rng: random.Random, *, questions: int, memory: int,
                kinds: Sequence[str] = ("single", "single", "twohop", "twohop", "needle"),
-               max_doc_tokens: int = 256, renumber: bool = True, span: str = "official") -> Batch:
+               max_doc_tokens: int = 256, renumber: bool = True, span: str = "official",
+               drawn: list[Question] | None = None) -> Batch:
     """One step: `questions` questions over a memory of `memory` documents (their gold ones inside).
+    `drawn`, when given, receives the questions in sequence order (diagnostics: msabank.train.probe).
 
     With a small world (1-2K documents) the memory holds a large share of it, so the documents a gold one
     names (its town, employer, founder) and those naming it are often in memory too: hard negatives."""
@@ -118,6 +120,8 @@ def make_batch(tok: P.Tokenizer, world: World, rng: random.Random, *, questions:
         q = world.question(n, rng, two_hop=want == "twohop")
         if q is not None:
             qs.append(q)
+    if drawn is not None:
+        drawn.extend(qs)
     mem_docs: dict[int, int] = {}  # world doc -> memory index
     for q in qs:
         for g in q.gold:
