@@ -200,3 +200,51 @@ def test_routing_span_is_a_checked_model_option():
     raw["msa_config"]["routing_span"] = "everything"
     with pytest.raises(ConfigError, match="routing_span"):
         ModelConfig.from_dict(raw)
+
+
+def test_reading_excerpt_keeps_the_answer_sentence_and_some_others_in_order():
+    import random
+
+    from msabank.train.data import reading_excerpt
+
+    text = "Ann Bee was born in 1990. Trains came late. Ann Bee works as a potter. It rained. Ann Bee likes red."
+    assert reading_excerpt(text, "potter", 0, random.Random(0)) == "Ann Bee works as a potter."
+    two = reading_excerpt(text, "potter", 2, random.Random(1))
+    sents = two.split(". ")
+    assert len(sents) == 3 and "Ann Bee works as a potter" in two
+    assert [text.index(x.rstrip(".")) for x in sents] == sorted(text.index(x.rstrip(".")) for x in sents)
+    assert reading_excerpt(text, "potter", 9, random.Random(0)) == text
+    assert reading_excerpt(text, "nowhere", 0, random.Random(0)) == text
+
+
+def test_reading_curriculum_cuts_only_the_final_rounds_appended_document():
+    """With reading_distractors=0 the final round appends the answer sentence alone; memory and every
+    earlier round are token for token the batch without it."""
+    import random
+
+    import torch
+
+    from msabank.synth import World
+    from msabank.train.data import make_batch
+
+    tok = _tok()
+    world = World(seed=11, num_docs=300)
+    drawn: list = []
+    full = make_batch(tok, world, random.Random(5), questions=6, memory=12, kinds=("single", "twohop"), drawn=drawn)
+    cut = make_batch(tok, world, random.Random(5), questions=6, memory=12, kinds=("single", "twohop"),
+                     reading_distractors=0)
+    assert torch.equal(full.mem_ids, cut.mem_ids) and torch.equal(full.stage, cut.stage)
+    finals = 0
+    for i, st in enumerate(full.stage.tolist()):
+        a = tok.decode(full.seq_ids[i, : full.seq_len[i]].tolist())
+        b = tok.decode(cut.seq_ids[i, : cut.seq_len[i]].tolist())
+        if st < 2:
+            assert a == b
+            continue
+        q = drawn[finals]
+        finals += 1
+        assert len(b) < len(a) and q.answer in b
+        last_doc = world.document(q.gold[-1]).text
+        answer_sentence = next(x for x in last_doc.split(". ") if q.answer in x)
+        assert answer_sentence in b
+    assert finals == 6

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -105,9 +106,14 @@ def draw_numbers(rng: random.Random, count: int, *, min_bank: int = 200, max_ban
 def make_batch(tok: P.Tokenizer, world: World, rng: random.Random, *, questions: int, memory: int,
                kinds: Sequence[str] = ("single", "single", "twohop", "twohop", "needle"),
                max_doc_tokens: int = 256, renumber: bool = True, span: str = "official",
-               drawn: list[Question] | None = None) -> Batch:
+               drawn: list[Question] | None = None, reading_distractors: int = -1) -> Batch:
     """One step: `questions` questions over a memory of `memory` documents (their gold ones inside).
     `drawn`, when given, receives the questions in sequence order (diagnostics: msabank.train.probe).
+    `reading_distractors` ≥ 0: the final round's appended document is cut to its answer sentence(s) plus
+    0..reading_distractors of its other sentences, in document order (`reading_excerpt`); memory and the
+    earlier rounds keep the whole document. A reading curriculum: docs/eval.md (sweeps c9/r1) found the
+    model finds a number in the appended text but never a word, so the answer's sentence is made easy to
+    find first. -1: the whole document, as served.
 
     With a small world (1-2K documents) the memory holds a large share of it, so the documents a gold one
     names (its town, employer, founder) and those naming it are often in memory too: hard negatives."""
@@ -135,9 +141,25 @@ def make_batch(tok: P.Tokenizer, world: World, rng: random.Random, *, questions:
     mem = [P.document_ids(tok, num_of[d], texts[d])[:max_doc_tokens] for d in order]
     seqs: list[Seq] = []
     for q in qs:
-        seqs += question_sequences(tok, q, [num_of[g] for g in q.gold], [texts[g] for g in q.gold],
+        injected = [texts[g] for g in q.gold]
+        if reading_distractors >= 0:
+            injected[-1] = reading_excerpt(injected[-1], q.answer, rng.randint(0, reading_distractors), rng)
+        seqs += question_sequences(tok, q, [num_of[g] for g in q.gold], injected,
                                    [mem_docs[g] for g in q.gold], span=span)
     return collate(tok, mem, seqs)
+
+
+def reading_excerpt(text: str, answer: str, distractors: int, rng: random.Random) -> str:
+    """The sentences of `text` that contain `answer`, plus `distractors` of its other sentences drawn at
+    random, in the document's order. Synthetic documents are sentences ending in '.' joined by one space
+    (msabank.synth); a text without the answer is returned whole."""
+    sents = re.split(r"(?<=\.) ", text)
+    keep = [i for i, x in enumerate(sents) if answer in x]
+    if not keep:
+        return text
+    others = [i for i in range(len(sents)) if i not in keep]
+    keep += rng.sample(others, min(distractors, len(others)))
+    return " ".join(sents[i] for i in sorted(keep))
 
 
 def collate(tok: P.Tokenizer, mem: Sequence[Sequence[int]], seqs: Sequence[Seq]) -> Batch:
@@ -167,8 +189,9 @@ class StepStream(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
 
     def __init__(self, tokenizer_json: bytes, *, seed: int, world_docs: int, questions: int, memory: int,
                  kinds: Sequence[str] = ("single", "single", "twohop", "twohop", "needle"), span: str = "official",
-                 world_every: int = 50) -> None:
+                 world_every: int = 50, reading_distractors: int = -1) -> None:
         self.tokenizer_json, self.seed, self.world_docs = tokenizer_json, seed, world_docs
+        self.reading_distractors = reading_distractors
         self.questions, self.memory, self.kinds = questions, memory, tuple(kinds)
         self.span, self.world_every = span, max(1, world_every)
 
@@ -184,5 +207,5 @@ class StepStream(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
             # a fresh world every `world_every` steps: names, attributes and layouts keep changing
             world = World(seed=(self.seed * 100 + wid) * 1_000_000 + step // self.world_every, num_docs=self.world_docs)
             yield make_batch(tok, world, rng, questions=self.questions, memory=self.memory, kinds=self.kinds,
-                             span=self.span)
+                             span=self.span, reading_distractors=self.reading_distractors)
             step += 1

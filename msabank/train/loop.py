@@ -118,6 +118,9 @@ class TrainConfig:
     the number is not in the input there, so the loss only taught guessing (run 2 lost copying that way)."""
     aux_layer_weights: tuple[float, ...] | None = None
     """Per-router-layer weights of the InfoNCE terms (None: 1 each); see core.forward."""
+    reading_distractors: int = -1
+    """≥ 0: phase 2's final-round appended document is cut to the answer sentence plus up to this many of
+    its other sentences (msabank.train.data.reading_excerpt); -1: the whole document, as served."""
     final_weight: float = 1.0
     """LM-loss weight of final-round targets (the answer read from the appended text) against `[n]` targets."""
     token_tau: float = 0.0
@@ -175,7 +178,8 @@ def train(model: MSAModel, tokenizer: Tokenizer, tc: TrainConfig,
         stream = StepStream(tokenizer.json_bytes, seed=tc.seed + 7919 * phase, world_docs=tc.world_docs,
                             questions=tc.questions, memory=tc.memory, world_every=tc.world_every,
                             kinds=tc.warmup_kinds if phase == 1 else tc.kinds,
-                            span=tc.warmup_span if phase == 1 else tc.span)
+                            span=tc.warmup_span if phase == 1 else tc.span,
+                            reading_distractors=tc.reading_distractors if phase == 2 else -1)
         return iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=tc.workers,
                                                 pin_memory=dev.type == "cuda",
                                                 prefetch_factor=4 if tc.workers else None))
