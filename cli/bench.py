@@ -76,6 +76,10 @@ def bench(
                           f"{res['index_load_s'] * 1000:.0f} ms")
         out_console.print("ask (median ms): " + ", ".join(f"{k} {a[k] * 1000:.1f}" for k in
                           ("refresh", "route", "fetch", "prefill", "decode", "total")) + f"; rounds {a['rounds']}")
+        r = res["ask_repeat"]
+        out_console.print("ask again, same questions (median ms): " + ", ".join(f"{k} {r[k] * 1000:.1f}" for k in
+                          ("route", "fetch", "prefill", "decode", "total"))
+                          + ("" if r["same_answers"] else "; ANSWERS DIFFER from the first pass"))
         out_console.print(f"update: commit {u['commit_s'] * 1000:.0f} ms, index refresh {u['refresh_s'] * 1000:.1f} ms, "
                           f"commit→answer {u['commit_to_answer_s'] * 1000:.0f} ms")
         return

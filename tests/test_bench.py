@@ -38,3 +38,18 @@ def test_bench_cli_smoke(tmp_path):
     agree = saved["routing"]["agreement"][0]
     assert agree["torch-batch8"]["identical_layers"] == agree["torch-batch8"]["layers"] == 2
     assert res["fetch"]["question_batch8"]["ms"] > 0 and res["fetch"]["question_batched"]["ms"] > 0
+
+
+def test_lifecycle_bench_asks_twice_and_the_second_pass_answers_the_same():
+    """The lifecycle bench on a small synthetic bank (CPU): both ask passes are reported with every stage,
+    the repeat asks the very same questions (greedy: the same answers), and update-to-visible is measured."""
+    from msabank.bench.lifecycle import run_lifecycle_bench
+
+    res = run_lifecycle_bench(docs=40, questions=3, device="cpu")
+    assert res["ingest"]["documents"] == 40 and res["ingest"]["tokens"] > 0
+    for name in ("ask", "ask_repeat"):
+        a = res[name]
+        assert a["questions"] == 3 and a["rounds"] >= 1
+        assert a["total"] >= a["prefill"] > 0 and a["decode"] >= 0
+    assert res["ask_repeat"]["same_answers"] is True
+    assert res["update_to_visible"]["commit_to_answer_s"] >= res["update_to_visible"]["commit_s"] > 0
