@@ -40,6 +40,41 @@ from .reference import pad_topk
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@triton.jit
+def _tile_dot(kt, qt, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """acc + kt @ qt in fp32; UPCAST (the interpreter) computes in fp32, IEEE asks for full fp32 products."""
+    if UPCAST:
+        kt = kt.to(tl.float32)
+        qt = qt.to(tl.float32)
+    if IEEE:
+        acc = tl.dot(kt, qt, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(kt, qt, acc)
+    return acc
+
+
+@triton.jit
+def _scan_tile(k_ptr, q_ptr, mask_r, T_PAD, DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
+               BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """(BLOCK_R, BLOCK_T) fp32 scores of one key tile (BLOCK_R rows at k_ptr, masked by mask_r) against one
+    query tile (BLOCK_T columns of q_t at q_ptr, row stride T_PAD), over DIM in steps of BLOCK_D."""
+    offs_d = tl.arange(0, BLOCK_D)
+    acc = tl.zeros((BLOCK_R, BLOCK_T), dtype=tl.float32)
+    for d0 in range(0, DIM, BLOCK_D):
+        if DIM % BLOCK_D == 0:
+            kt = tl.load(k_ptr, mask=mask_r[:, None], other=0.0)
+            qt = tl.load(q_ptr)
+        else:
+            mask_d = (d0 + offs_d) < DIM
+            kt = tl.load(k_ptr, mask=mask_r[:, None] & mask_d[None, :], other=0.0)
+            qt = tl.load(q_ptr, mask=mask_d[:, None], other=0.0)
+        acc = _tile_dot(kt, qt, acc, UPCAST, IEEE)
+        k_ptr += BLOCK_D
+        q_ptr += BLOCK_D * T_PAD
+    return acc
+
+
+
 
 @triton.jit
 def _routing_scan_kernel(
@@ -73,24 +108,7 @@ def _routing_scan_kernel(
     k_ptr = keys + offs_r.to(tl.int64)[:, None] * stride_k + offs_d[None, :]
     q_ptr = q_t + offs_d[:, None] * T_PAD + offs_t[None, :]
 
-    acc = tl.zeros((BLOCK_R, BLOCK_T), dtype=tl.float32)
-    for d0 in range(0, DIM, BLOCK_D):
-        if DIM % BLOCK_D == 0:
-            kt = tl.load(k_ptr, mask=mask_r[:, None], other=0.0)
-            qt = tl.load(q_ptr)
-        else:
-            mask_d = (d0 + offs_d) < DIM
-            kt = tl.load(k_ptr, mask=mask_r[:, None] & mask_d[None, :], other=0.0)
-            qt = tl.load(q_ptr, mask=mask_d[:, None], other=0.0)
-        if UPCAST:
-            kt = kt.to(tl.float32)
-            qt = qt.to(tl.float32)
-        if IEEE:
-            acc = tl.dot(kt, qt, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(kt, qt, acc)
-        k_ptr += BLOCK_D
-        q_ptr += BLOCK_D * T_PAD
+    acc = _scan_tile(k_ptr, q_ptr, mask_r, T_PAD, DIM, BLOCK_R, BLOCK_T, BLOCK_D, UPCAST, IEEE)
 
     acc = tl.where(mask_t[None, :], acc, float("-inf"))
     row_max = tl.max(acc, axis=1)  # (BLOCK_R,) max over this program's query tokens
@@ -123,13 +141,7 @@ def _routing_scan_tma_kernel(
     for d0 in range(0, DIM, BLOCK_D):
         kt = k_desc.load([i_r * BLOCK_R, d0])
         qt = q_desc.load([d0, i_t * BLOCK_T])
-        if UPCAST:
-            kt = kt.to(tl.float32)
-            qt = qt.to(tl.float32)
-        if IEEE:
-            acc = tl.dot(kt, qt, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(kt, qt, acc)
+        acc = _tile_dot(kt, qt, acc, UPCAST, IEEE)
     offs_r = i_r * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_t = i_t * BLOCK_T + tl.arange(0, BLOCK_T)
     mask_r = offs_r < rows
@@ -312,24 +324,7 @@ def _routing_scan_batched_kernel(
     k_ptr = keys + i_l.to(tl.int64) * stride_kl + offs_r.to(tl.int64)[:, None] * stride_k + offs_d[None, :]
     q_ptr = q_t + i_l.to(tl.int64) * DIM * T_PAD + offs_d[:, None] * T_PAD + offs_t[None, :]
 
-    acc = tl.zeros((BLOCK_R, BLOCK_T), dtype=tl.float32)
-    for d0 in range(0, DIM, BLOCK_D):
-        if DIM % BLOCK_D == 0:
-            kt = tl.load(k_ptr, mask=mask_r[:, None], other=0.0)
-            qt = tl.load(q_ptr)
-        else:
-            mask_d = (d0 + offs_d) < DIM
-            kt = tl.load(k_ptr, mask=mask_r[:, None] & mask_d[None, :], other=0.0)
-            qt = tl.load(q_ptr, mask=mask_d[:, None], other=0.0)
-        if UPCAST:
-            kt = kt.to(tl.float32)
-            qt = qt.to(tl.float32)
-        if IEEE:
-            acc = tl.dot(kt, qt, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(kt, qt, acc)
-        k_ptr += BLOCK_D
-        q_ptr += BLOCK_D * T_PAD
+    acc = _scan_tile(k_ptr, q_ptr, mask_r, T_PAD, DIM, BLOCK_R, BLOCK_T, BLOCK_D, UPCAST, IEEE)
 
     seq = tl.load(query_seq + offs_t, mask=mask_t, other=-1)
     s_lo = tl.min(tl.where(mask_t, seq, num_seqs), axis=0)
