@@ -11,6 +11,8 @@ question of an eval bank), scored per position against the targets:
 - `rest|first`: the remaining answer tokens and `<|im_end|>`, when the first was right (copying on).
 Found with it (docs/eval.md, sweeps c9/r1): the shipped model reads numeric answers (years, populations)
 exactly and word answers (names, towns, colours, jobs) almost never; given the first token it copies on.
+A number's first answer token is a lone space (the tokenizer writes ' ' then one token per digit), so
+for numbers `first` is trivial and the digits are in `rest|first`.
 """
 
 from __future__ import annotations
