@@ -36,6 +36,8 @@ def test_samples_for_each_interleave_step():
     assert labels == ["[42]<|object_ref_end|>", "[7]<|object_ref_end|>",
                       "<End-of-Retrieve>The answer to the question is: Cy Dee<|im_end|>"]
     assert [s.positive for s in seqs] == [3, 5, 5] and [s.stage for s in seqs] == [0, 1, 2]
+    # the answer's own tokens, without the fixed prefix and <|im_end|> (answer_weight's positions)
+    assert [tok.decode([x for x, a in zip(s.labels, s.answer) if a]) for s in seqs] == ["", "", " Cy Dee"]
     last = tok.decode(seqs[2].ids)
     assert last.startswith(P.QUESTION_HEAD + q.question + P.QUESTION_TAIL + "<|im_end|>\n<|im_start|>[42]")
     assert "[42]. Ann Bee comes from Eton.\n<|object_ref_end|>[7]<|object_ref_end|>[7]. The mayor" in last
@@ -308,3 +310,22 @@ def test_probe_scores_naming_first_answer_token_and_the_rest_at_their_positions(
     break_first["on"] = True
     bad = probe_mod.probe(model, **kw)
     assert all(v["first"]["rate"] == 0.0 and "rest|first" not in v and v["name"]["rate"] == 1.0 for v in bad.values())
+
+
+def test_answer_weight_weighs_the_answers_own_tokens():
+    """answer_weight w: LM loss = (n_o·L_o + w·n_a·L_a) / (n_o + w·n_a), L_a the mean CE of the answer's own
+    tokens (batch.answer) and L_o of every other target, each measured alone by masking labels."""
+    import dataclasses
+
+    from msabank.train.core import forward
+    model, batch = _tiny_model_and_batch()
+    ans = batch.answer & (batch.labels >= 0)
+    other = ~batch.answer & (batch.labels >= 0)
+    only = lambda m: dataclasses.replace(batch, labels=torch.where(m, batch.labels, -100))  # noqa: E731
+    with torch.no_grad():
+        la = forward(model, only(ans)).lm_loss
+        lo = forward(model, only(other)).lm_loss
+        heavy = forward(model, batch, answer_weight=10.0).lm_loss
+    na, no = int(ans.sum()), int(other.sum())
+    assert 0 < na < no
+    assert torch.allclose(heavy, (no * lo + 10.0 * na * la) / (no + 10.0 * na), atol=1e-5)

@@ -53,6 +53,9 @@ class Batch:
     routing text contains the positive document itself, which teaches nothing about finding it."""
     kind: torch.Tensor | None = None
     """(S,) int64 index into msabank.train.data.KINDS of each sequence's question type (-1 unknown); metrics only."""
+    answer: torch.Tensor | None = None
+    """(S, T) bool: the label at this position is a token of the answer itself (not the fixed
+    "The answer to the question is:" before it, nor `<|im_end|>`); `forward(answer_weight=...)`."""
 
     def to(self, device: torch.device | str) -> Batch:
         return Batch(**{k: (v.to(device, non_blocking=True) if v is not None else None) for k, v in self.__dict__.items()})
@@ -168,7 +171,7 @@ def forward(model: MSAModel, batch: Batch, *, top_k: int | None = None, force_po
             memory: Memory | None = None, selection: list[torch.Tensor] | None = None,
             lm_only_routed: bool = False,
             aux_layer_weights: Sequence[float] | None = None, token_tau: float = 0.0,
-            final_weight: float = 1.0) -> Output:
+            final_weight: float = 1.0, answer_weight: float = 1.0) -> Output:
     """The MSA training forward (and, with force_positive=False, its exact inference counterpart).
 
     Returns losses when labels exist: lm_loss (mean CE over labelled positions) and aux_loss (InfoNCE over
@@ -187,6 +190,12 @@ def forward(model: MSAModel, batch: Batch, *, top_k: int | None = None, force_po
     the answer read from the appended documents) by this much against the `[n]` targets (a weighted mean).
     Why: teacher-forced, the shipped model names the right document 94% of the time but reads a single-hop
     answer exactly only 28% (docs/eval.md, sweep c9), and an answer is a few tokens of a step's hundreds.
+    `answer_weight`: the same for the answer's own tokens (`batch.answer`), on top of `final_weight`. Why:
+    `final_weight` also weighs the fixed, already-learned tokens around the answer and did not help (c9/r1),
+    while on the CPU the shipped model learned to copy a colour word (colour questions, the answer
+    sentence alone appended) within ~175 steps once the loss was on the answer's first token alone, and
+    not at all in 250 steps with the loss on every final target (docs/eval.md; with four answer types and
+    whole documents, weight 20 did not move in 225 steps).
     """
     cfg = model.config
     k = top_k or cfg.top_k
@@ -269,6 +278,8 @@ def forward(model: MSAModel, batch: Batch, *, top_k: int | None = None, force_po
         weight = torch.ones(out.correct_row.shape[0], device=dev)
         if final_weight != 1.0 and batch.stage is not None:
             weight = torch.where(batch.stage[out.correct_row] == 2, final_weight, 1.0)
+        if answer_weight != 1.0 and batch.answer is not None:
+            weight = weight * torch.where(batch.answer[sel_pos], answer_weight, 1.0)
         if keep is not None:
             weight = weight * keep
         if bool((weight > 0).any()):

@@ -41,10 +41,13 @@ class Seq:
     positive: int  # memory index, -1 none
     stage: int = 0  # 0 round 1 (question only routes), 1 a later hop, 2 the final round (answer)
     kind: int = -1  # index into KINDS of the question's type (-1 unknown): per-kind training metrics
+    answer: tuple[bool, ...] = ()  # aligned with labels: True where the label is a token of the answer itself
 
 
-def _with_targets(prefix: P.Prompt, pieces: Sequence[tuple[list[int], bool]], positive: int, stage: int) -> Seq:
-    """prefix (no loss), then pieces (ids, has_loss). Labels shift by one: position t predicts ids[t+1]."""
+def _with_targets(prefix: P.Prompt, pieces: Sequence[tuple[list[int], bool]], positive: int, stage: int,
+                  answer_span: tuple[int, int] | None = None) -> Seq:
+    """prefix (no loss), then pieces (ids, has_loss). Labels shift by one: position t predicts ids[t+1].
+    `answer_span` (start, end) in ids marks the answer's own tokens (Seq.answer)."""
     ids = list(prefix.ids)
     routing = list(prefix.routing_mask)
     loss_on = [False] * len(ids)
@@ -53,10 +56,12 @@ def _with_targets(prefix: P.Prompt, pieces: Sequence[tuple[list[int], bool]], po
         routing += [False] * len(piece)
         loss_on += [has_loss] * len(piece)
     labels = [-100] * len(ids)
+    answer = [False] * len(ids)
     for t in range(len(ids) - 1):
         if loss_on[t + 1]:
             labels[t] = ids[t + 1]
-    return Seq(ids, routing, labels, positive, stage)
+            answer[t] = answer_span is not None and answer_span[0] <= t + 1 < answer_span[1]
+    return Seq(ids, routing, labels, positive, stage, answer=tuple(answer))
 
 
 SPANS = P.ROUTING_SPANS
@@ -86,11 +91,21 @@ def question_sequences(tok: P.Tokenizer, q: Question, numbers: Sequence[int], te
         current = P.Prompt(list(transcript), P.round_routing_mask(later, len(transcript), (start, len(transcript) - 1)))
     end = tok.encode(P.END_OF_RETRIEVE)
     answer = tok.encode(f"{P.ANSWER_PREFIX} {q.answer}") + [tok.im_end_id]
-    out.append(_with_targets(current, [(end, True), (P.restatement_ids(tok, q.question), False), (answer, True)],
-                             mem_index[-1], 2))
+    restated = P.restatement_ids(tok, q.question)
+    lead = _common_prefix(answer, tok.encode(P.ANSWER_PREFIX))  # the fixed "The answer to the question is:"
+    at = len(current.ids) + len(end) + len(restated)
+    out.append(_with_targets(current, [(end, True), (restated, False), (answer, True)], mem_index[-1], 2,
+                             answer_span=(at + lead, at + len(answer) - 1)))  # the answer, not <|im_end|>
     base = q.type.split(":")[0]
     kind = KINDS.index(base) if base in KINDS else -1
-    return [Seq(s.ids, s.routing, s.labels, s.positive, s.stage, kind) for s in out]
+    return [Seq(s.ids, s.routing, s.labels, s.positive, s.stage, kind, s.answer) for s in out]
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
 
 
 def draw_numbers(rng: random.Random, count: int, *, min_bank: int = 200, max_bank: int = 150_000) -> list[int]:
@@ -171,16 +186,19 @@ def collate(tok: P.Tokenizer, mem: Sequence[Sequence[int]], seqs: Sequence[Seq])
     seq_ids = torch.zeros(len(seqs), t, dtype=torch.long)
     routing = torch.zeros(len(seqs), t, dtype=torch.bool)
     labels = torch.full((len(seqs), t), -100, dtype=torch.long)
+    answer = torch.zeros(len(seqs), t, dtype=torch.bool)
     for i, s in enumerate(seqs):
         seq_ids[i, : len(s.ids)] = torch.tensor(s.ids)
         routing[i, : len(s.ids)] = torch.tensor(s.routing)
         labels[i, : len(s.ids)] = torch.tensor(s.labels)
+        if s.answer:
+            answer[i, : len(s.ids)] = torch.tensor(s.answer)
     return Batch(
         mem_ids=mem_ids, mem_len=torch.tensor([len(x) for x in mem]), seq_ids=seq_ids,
         seq_len=torch.tensor([len(s.ids) for s in seqs]), routing=routing, labels=labels,
         positive=torch.tensor([s.positive for s in seqs]),
         template=torch.tensor(P.template_parts(tok).head), stage=torch.tensor([s.stage for s in seqs]),
-        kind=torch.tensor([s.kind for s in seqs]),
+        kind=torch.tensor([s.kind for s in seqs]), answer=answer,
     )  # fmt: skip
 
 

@@ -121,6 +121,8 @@ class TrainConfig:
     reading_distractors: int = -1
     """≥ 0: phase 2's final-round appended document is cut to the answer sentence plus up to this many of
     its other sentences (msabank.train.data.reading_excerpt); -1: the whole document, as served."""
+    answer_weight: float = 1.0
+    """LM-loss weight of the answer's own tokens (core.forward's answer_weight), on top of final_weight."""
     final_weight: float = 1.0
     """LM-loss weight of final-round targets (the answer read from the appended text) against `[n]` targets."""
     token_tau: float = 0.0
@@ -210,7 +212,7 @@ def train(model: MSAModel, tokenizer: Tokenizer, tc: TrainConfig,
         with amp:
             out = forward(model, batch, tau=tc.tau, force_positive=force, lm_only_routed=tc.lm_only_routed,
                           aux_layer_weights=tc.aux_layer_weights, token_tau=tc.token_tau,
-                          final_weight=tc.final_weight)
+                          final_weight=tc.final_weight, answer_weight=tc.answer_weight)
         lm = out.lm_loss if out.lm_loss is not None else torch.zeros((), device=dev)
         aux = out.aux_loss if out.aux_loss is not None else torch.zeros((), device=dev)
         loss = 0.1 * lm + aux if warm else lm + tc.aux_weight * aux

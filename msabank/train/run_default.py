@@ -66,6 +66,8 @@ def main(argv: list[str] | None = None) -> None:
                          "layer is the only one a forced document cannot leak into")
     ap.add_argument("--reading-distractors", type=int, default=-1,
                     help="cut the final round's appended document to the answer sentence plus up to N others (-1: whole)")
+    ap.add_argument("--answer-weight", type=float, default=1.0,
+                    help="LM-loss weight of the answer's own tokens (not the fixed text around them)")
     ap.add_argument("--final-weight", type=float, default=1.0,
                     help="LM-loss weight of final-round targets (the answer) against the [n] targets")
     ap.add_argument("--token-tau", type=float, default=0.0,
@@ -123,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
                      lm_only_routed=not args.keep_unrouted_lm,
                      aux_layer_weights=_layer_weights(args.aux_layer_weights, len(model.config.router_layers)),
                      token_tau=args.token_tau, final_weight=args.final_weight,
-                     reading_distractors=args.reading_distractors)
+                     reading_distractors=args.reading_distractors, answer_weight=args.answer_weight)
     t0 = time.time()
     train(model, tok, tc, on_log=lambda row: (log_fh.write(json.dumps(row) + "\n"), log_fh.flush()))
     logging.info("trained %.0f s", time.time() - t0)
