@@ -28,6 +28,7 @@ from msabank.config import ModelConfig
 from msabank.model import MSAModel
 from msabank.prompt import Tokenizer
 from msabank.train.core import forward
+from msabank.train.data import KINDS
 
 log = logging.getLogger(__name__)
 
@@ -248,44 +249,41 @@ def train(model: MSAModel, tokenizer: Tokenizer, tc: TrainConfig,
 
 
 def _metrics(out: Any, batch: Any) -> dict[str, float]:
-    """In-batch routing recall@1 (last router layer, before forcing) and teacher-forced target accuracy."""
+    """In-batch routing recall@1 (per router layer, before forcing) and teacher-forced target exactness,
+    each also per question kind (`<name>_<kind>`: needles read digits, the other kinds read names)."""
     m: dict[str, float] = {}
     has = batch.positive >= 0
     if out.scores and bool(has.any()):
         r1 = has & (batch.stage == 0) if batch.stage is not None else has
         for r, sc in enumerate(out.scores):
-            top = sc.argmax(1)
-            m[f"recall1_L{r}"] = float((top[has] == batch.positive[has]).float().mean())
+            hit = sc.argmax(1) == batch.positive
+            m[f"recall1_L{r}"] = float(hit[has].float().mean())
             if bool(r1.any()):
-                m[f"round1_recall1_L{r}"] = float((top[r1] == batch.positive[r1]).float().mean())
+                m[f"round1_recall1_L{r}"] = float(hit[r1].float().mean())
+                if r == 0:
+                    _by_kind(m, "round1_recall1_L0", hit, r1, batch.kind)
     if out.correct is not None:
         s = batch.seq_ids.shape[0]
         wrong = torch.zeros(s, device=out.correct.device).index_add_(0, out.correct_row, (~out.correct).float())
-        m["target_exact"] = float((wrong == 0).float().mean())
+        exact = wrong == 0
+        m["target_exact"] = float(exact.float().mean())
         if batch.stage is not None:  # round-1 `[n]` copying and the final round (reading the appended text)
-            from msabank.train.data import KINDS
-
-            exact = wrong == 0
             for name, st in (("target_exact_r1", 0), ("target_exact_final", 2)):
                 rows = batch.stage == st
                 if bool(rows.any()):
                     m[name] = float(exact[rows].float().mean())
-                if batch.kind is None:
-                    continue
-                for ki, kind in enumerate(KINDS):  # per kind: needles read digits, the others read names
-                    kr = rows & (batch.kind == ki)
-                    if bool(kr.any()):
-                        m[f"{name}_{kind}"] = float(exact[kr].float().mean())
-        if out.scores and batch.kind is not None and bool(has.any()):
-            from msabank.train.data import KINDS
-
-            r1 = has & (batch.stage == 0) if batch.stage is not None else has
-            top = out.scores[0].argmax(1)
-            for ki, kind in enumerate(KINDS):
-                kr = r1 & (batch.kind == ki)
-                if bool(kr.any()):
-                    m[f"round1_recall1_L0_{kind}"] = float((top[kr] == batch.positive[kr]).float().mean())
+                    _by_kind(m, name, exact, rows, batch.kind)
     return m
+
+
+def _by_kind(m: dict[str, float], name: str, hit: torch.Tensor, rows: torch.Tensor, kind: torch.Tensor | None) -> None:
+    """m[f"{name}_{kind}"] = mean of `hit` over `rows` of each question kind present (none without kinds)."""
+    if kind is None:
+        return
+    for ki, k in enumerate(KINDS):
+        kr = rows & (kind == ki)
+        if bool(kr.any()):
+            m[f"{name}_{k}"] = float(hit[kr].float().mean())
 
 
 def save(model: MSAModel, tokenizer: Tokenizer, out_dir: str | Path, *, dtype: torch.dtype = torch.bfloat16,

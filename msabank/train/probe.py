@@ -35,7 +35,6 @@ def probe(model: MSAModel, *, worlds: int = 6, questions: int = 32, memory: int 
     """Per question type (q.type): counts and rates of `name`, `first` and `rest|first` (module docstring)."""
     tok = model.tokenizer
     rng = random.Random(seed)
-    prefix = len(tok.encode("<End-of-Retrieve>")) + len(tok.encode("The answer to the question is:"))
     hits: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
     was_training = model.training
     model.eval()
@@ -60,16 +59,16 @@ def probe(model: MSAModel, *, worlds: int = 6, questions: int = 32, memory: int 
                     h = hits[q.type]
                     for i in rows:
                         lab = b.labels[i] >= 0
-                        ok = ok_all[i][lab].tolist()
                         if b.stage[i] == 0:
-                            h["name"][0] += all(ok)
+                            h["name"][0] += bool(ok_all[i][lab].all())
                             h["name"][1] += 1
-                        elif b.stage[i] == 2:
-                            first = ok[prefix] if len(ok) > prefix else False
+                        elif b.stage[i] == 2:  # the answer's own tokens, as the trainer marks them (Batch.answer)
+                            at = int(b.answer[i].nonzero()[0, 0])
+                            first = bool(ok_all[i, at])
                             h["first"][0] += first
                             h["first"][1] += 1
-                            if first:
-                                h["rest|first"][0] += all(ok[prefix + 1 :])
+                            if first:  # the rest of the answer and <|im_end|>
+                                h["rest|first"][0] += bool(ok_all[i, at + 1 :][lab[at + 1 :]].all())
                                 h["rest|first"][1] += 1
     finally:
         model.train(was_training)
