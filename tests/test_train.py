@@ -329,3 +329,29 @@ def test_answer_weight_weighs_the_answers_own_tokens():
     na, no = int(ans.sum()), int(other.sum())
     assert 0 < na < no
     assert torch.allclose(heavy, (no * lo + 10.0 * na * la) / (no + 10.0 * na), atol=1e-5)
+
+
+def test_reading_check_puts_the_first_token_loss_on_the_answers_first_token():
+    """msabank.train.reading: final-round batches of the asked answer types; `first` keeps exactly one label
+    per sequence, the answer's first token; a 2-step run reports both held-out accuracies."""
+    from msabank.train import reading
+    from msabank.train.loop import default_model_config, new_model
+
+    tok = _tok()
+    model = new_model(default_model_config(tok.vocab_size, layers=3, hidden=64, heads=4, kv_heads=2, head_dim=16,
+                                           intermediate=128, router_layers=(1, 2)), tok)
+    b = reading.final_round_batch(model, random.Random(0), World(seed=5, num_docs=300), ("color",), 0, questions=4,
+                                  memory=6)
+    assert (b.stage == 2).all() and b.mem_ids.shape[0] == 6
+    one = reading.first_token_only(b)
+    assert ((one.labels >= 0).sum(1) == 1).all()
+    at = reading.first_answer_positions(b)
+    for i in range(4):
+        assert int(one.labels[i, at[i]]) == int(b.labels[i, at[i]])
+        seen = tok.decode(b.seq_ids[i, : at[i] + 1].tolist())  # the input up to the first answer token
+        assert seen.endswith(P.ANSWER_PREFIX)
+        word = tok.decode([int(b.labels[i, at[i]])]).strip()
+        assert word and word in seen.split(P.END_OF_RETRIEVE)[0]  # copied from the appended document
+    rows = reading.run(model, types=("color",), distractors=0, steps=2, lr=1e-3, loss="first", every=2,
+                       log=lambda _: None)
+    assert [r["step"] for r in rows] == [0, 2] and all(0.0 <= r["whole"] <= 1.0 and 0.0 <= r["cut"] <= 1.0 for r in rows)

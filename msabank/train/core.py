@@ -193,9 +193,9 @@ def forward(model: MSAModel, batch: Batch, *, top_k: int | None = None, force_po
     `answer_weight`: the same for the answer's own tokens (`batch.answer`), on top of `final_weight`. Why:
     `final_weight` also weighs the fixed, already-learned tokens around the answer and did not help (c9/r1),
     while on the CPU the shipped model learned to copy a colour word (colour questions, the answer
-    sentence alone appended) within ~175 steps once the loss was on the answer's first token alone, and
-    not at all in 250 steps with the loss on every final target (docs/eval.md; with four answer types and
-    whole documents, weight 20 did not move in 225 steps).
+    sentence alone appended) within 100-175 steps once the loss was on the answer's first token alone,
+    and much later or not at all with the loss on every final target (docs/eval.md, msabank.train.reading;
+    with four answer types and whole documents, weight 20 did not move in 225 steps).
     """
     cfg = model.config
     k = top_k or cfg.top_k
