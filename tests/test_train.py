@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import random
 
+import pytest
 import torch
 
 from msabank import prompt as P
@@ -352,6 +354,55 @@ def test_reading_check_puts_the_first_token_loss_on_the_answers_first_token():
         assert seen.endswith(P.ANSWER_PREFIX)
         word = tok.decode([int(b.labels[i, at[i]])]).strip()
         assert word and word in seen.split(P.END_OF_RETRIEVE)[0]  # copied from the appended document
-    rows = reading.run(model, types=("color",), distractors=0, steps=2, lr=1e-3, loss="first", every=2,
-                       log=lambda _: None)
-    assert [r["step"] for r in rows] == [0, 2] and all(0.0 <= r["whole"] <= 1.0 and 0.0 <= r["cut"] <= 1.0 for r in rows)
+    rows = reading.run(model, [reading.Stage(("color",), 0, 2)], lr=1e-3, loss="first", every=2,
+                       report_types=("color", "job"), log=lambda _: None)
+    assert [r["step"] for r in rows] == [0, 2]
+    assert all(0.0 <= r["cut"] <= 1.0 and set(r["whole"]) == {"color", "job"} for r in rows)
+
+
+def test_reading_stages_parse_groups_and_name_a_bad_type():
+    from msabank.train.reading import NAME_TYPES, WORD_TYPES, Stage
+
+    s = Stage.parse("color,names:1:300")
+    assert s == Stage(("color", *NAME_TYPES), 1, 300)
+    assert Stage.parse("words,color:-1:5").types == WORD_TYPES  # no duplicates
+    with pytest.raises(ValueError, match="colour"):
+        Stage.parse("colour:0:10")
+    with pytest.raises(ValueError, match="TYPES:DISTRACTORS:MAX_STEPS"):
+        Stage.parse("color:10")
+
+
+def _tiny_reader(tok):
+    from msabank.train.loop import default_model_config, new_model
+
+    return new_model(default_model_config(tok.vocab_size, layers=2, hidden=32, heads=2, kv_heads=1, head_dim=16,
+                                          intermediate=64, router_layers=(1,)), tok, seed=3)
+
+
+def test_reading_phase_advances_on_its_threshold_and_resumes_exactly(tmp_path):
+    """A stage ends at MAX_STEPS or once held-out training-style accuracy reaches --advance-at; a run stopped
+    mid-stage and rerun from its out/resume.pt ends with the same weights as one uninterrupted run, and the
+    finished run writes a loadable checkpoint and the probe."""
+    from msabank.model import load_model
+    from msabank.train import reading
+
+    tok = _tok()
+    stages = [reading.Stage(("color",), 0, 4), reading.Stage(("job", "color"), -1, 3)]
+    kw = dict(lr=1e-3, questions=3, memory=4, every=1, log=lambda _: None, probe_worlds=1)
+    # threshold 0: stage 0 ends at its first measurement after a step
+    rows = reading.run(_tiny_reader(tok), stages, advance_at=0.0, **kw)
+    assert [(r["stage"], r["stage_step"]) for r in rows] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    whole = _tiny_reader(tok)
+    reading.run(whole, stages, out=tmp_path / "a", **kw)
+    parts = _tiny_reader(tok)
+    first = reading.run(parts, stages, out=tmp_path / "b", stop_after=5, **kw)
+    assert (first[-1]["step"], first[-1]["stage"]) == (4, 1) and not (tmp_path / "b" / "probe.json").exists()
+    assert json.loads((tmp_path / "b" / "ckpt" / "training.json").read_text())["step"] == 5
+    rest = reading.run(_tiny_reader(tok), stages, out=tmp_path / "b", **kw)  # a fresh process, as on the device
+    assert rest[0]["step"] == 5 and rest[-1]["step"] == 7
+    a = load_model(tmp_path / "a" / "ckpt", device="cpu", dtype=torch.float32).state_dict()
+    b = load_model(tmp_path / "b" / "ckpt", device="cpu", dtype=torch.float32).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert "single:color" in json.loads((tmp_path / "b" / "probe.json").read_text())
+    logged = [json.loads(x)["step"] for x in (tmp_path / "b" / "reading_log.jsonl").read_text().splitlines()]
+    assert logged == [0, 1, 2, 3, 4, 4, 5, 6, 7]  # stage 1 re-measures its step 0; nothing twice across the stop
